@@ -1,0 +1,61 @@
+//! A minimal HTTP/1.1 GET for `keyproxy health` (the image has no curl or shell).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+/// Why the check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Connection or protocol failure.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// GETs `path` from `addr`; returns the status and body. `0.0.0.0` / `::` mean loopback.
+pub async fn get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), CheckError> {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let fut = async move {
+        let fail = |e: &dyn std::fmt::Display| CheckError::Failed(format!("{addr}: {e}"));
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| fail(&e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(&e))?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header(http::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| fail(&e))?;
+        let resp = sender.send_request(req).await.map_err(|e| fail(&e))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| fail(&e))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| CheckError::Timeout(timeout))?
+}

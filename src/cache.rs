@@ -1,0 +1,660 @@
+//! The secret cache: one entry per (secret id, stage), shared by the routes that use it.
+//!
+//! Each [`Entry`] holds an `ArcSwapOption<Loaded>`: the credentials of every route using the
+//! secret, rendered when the secret changes. The request path does one atomic load
+//! ([`Entry::current`]) and never any I/O. One background task per entry refreshes it every
+//! `refresh_interval` ± 10% jitter; a failure keeps the last good value (stale-if-error) and
+//! retries with exponential backoff. A value that cannot be used (bad JSON, missing field, bytes
+//! that cannot go in a header) is refused, logged with the secret id and the reason, and the last
+//! good value stays.
+//!
+//! [`Entry::refresh_now`] is the 401 path: concurrent callers share one fetch (they queue on one
+//! async mutex and find the new value when they get it), and forced fetches of one secret are at
+//! most one per `refresh_cooldown`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use arc_swap::ArcSwapOption;
+use rand::Rng;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use crate::config::RouteConfig;
+use crate::inject::{Credential, Injection};
+use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
+use crate::secrets::{Secret, SecretSource, SourceError};
+
+/// The credentials rendered from one version of a secret.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The version they came from.
+    pub version_id: Option<String>,
+    /// One credential per consumer (route), indexed by the route's slot.
+    pub creds: Vec<Credential>,
+}
+
+/// A route's use of an entry: which field of the secret, injected how.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    /// Route name (for log lines).
+    pub route: String,
+    /// JSON field holding the key, or the whole text.
+    pub field: Option<String>,
+    /// How the key is rendered.
+    pub injection: Injection,
+}
+
+/// What the admin endpoints report about an entry.
+#[derive(Debug, Clone, Default)]
+struct Health {
+    /// When the last successful fetch finished.
+    last_success: Option<Instant>,
+    /// The last fetch's error, while it is the latest result.
+    last_error: Option<SourceError>,
+}
+
+/// A snapshot of an entry's state for `/readyz` and `/metrics`.
+#[derive(Debug, Clone)]
+pub struct EntryStatus {
+    /// Secret id.
+    pub secret_id: String,
+    /// Staging label.
+    pub stage: String,
+    /// Routes that use it.
+    pub routes: Vec<String>,
+    /// Whether a usable value is loaded.
+    pub loaded: bool,
+    /// Version id served.
+    pub version_id: Option<String>,
+    /// Time since the last successful fetch.
+    pub age: Option<Duration>,
+    /// The latest error, if the latest fetch failed (the value served, if any, is stale).
+    pub error: Option<SourceError>,
+}
+
+/// State guarded by the fetch lock.
+#[derive(Debug, Default)]
+struct FetchState {
+    /// When the last forced (401) fetch started.
+    last_forced: Option<Instant>,
+}
+
+/// One secret version stage, its rendered credentials, and its refresh machinery.
+pub struct Entry {
+    /// Secret id.
+    pub secret_id: String,
+    /// Staging label.
+    pub stage: String,
+    consumers: Vec<Consumer>,
+    state: ArcSwapOption<Loaded>,
+    health: Mutex<Health>,
+    /// Held during every fetch: the single-flight point.
+    fetch_lock: tokio::sync::Mutex<FetchState>,
+    interval: Duration,
+    cooldown: Duration,
+    source: Arc<dyn SecretSource>,
+    metrics: Arc<Metrics>,
+    label: SecretLabel,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("secret_id", &self.secret_id)
+            .field("stage", &self.stage)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a fetched value was refused.
+fn extract(value: &Secret, field: Option<&str>) -> Result<Secret, String> {
+    let Some(field) = field else {
+        return Ok(value.clone());
+    };
+    let doc: Value = serde_json::from_str(value.expose())
+        .map_err(|e| format!("secret_field {field:?} is set but the value is not JSON ({e})"))?;
+    match doc.get(field) {
+        Some(Value::String(s)) => Ok(Secret::new(s.clone())),
+        Some(_) => Err(format!("JSON field {field:?} is not a string")),
+        None if doc.is_object() => Err(format!("JSON field {field:?} is missing")),
+        None => Err(format!(
+            "secret_field {field:?} is set but the value is not a JSON object"
+        )),
+    }
+}
+
+impl Entry {
+    /// The credentials in force, for the request path: one atomic load, no lock.
+    #[inline]
+    pub fn current(&self) -> Option<Arc<Loaded>> {
+        self.state.load_full()
+    }
+
+    /// Whether a usable value is loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.state.load().is_some()
+    }
+
+    /// The entry's state for the admin endpoints.
+    pub fn status(&self) -> EntryStatus {
+        let health = self.health.lock().map(|h| h.clone()).unwrap_or_default();
+        let cur = self.current();
+        EntryStatus {
+            secret_id: self.secret_id.clone(),
+            stage: self.stage.clone(),
+            routes: self.consumers.iter().map(|c| c.route.clone()).collect(),
+            loaded: cur.is_some(),
+            version_id: cur.and_then(|c| c.version_id.clone()),
+            age: health.last_success.map(|t| t.elapsed()),
+            error: health.last_error,
+        }
+    }
+
+    fn count(&self, result: &str) {
+        self.metrics
+            .fetches
+            .get_or_create(&SecretResult {
+                secret: self.secret_id.clone(),
+                stage: self.stage.clone(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    fn record_error(&self, err: SourceError) {
+        self.count(err.kind());
+        let stale = self.is_loaded();
+        if stale {
+            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err,
+                "secret refresh failed; serving the last good value");
+        } else {
+            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err,
+                "secret fetch failed; routes using it answer 503 until it succeeds");
+        }
+        self.metrics
+            .secret_stale
+            .get_or_create(&self.label)
+            .set(i64::from(stale));
+        if let Ok(mut h) = self.health.lock() {
+            h.last_error = Some(err);
+        }
+    }
+
+    /// Fetches once and installs the value if usable. Callers hold `fetch_lock`.
+    async fn fetch_locked(&self, reason: &'static str) -> Result<(), SourceError> {
+        let fetched = match self.source.fetch(&self.secret_id, &self.stage).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.record_error(e.clone());
+                return Err(e);
+            }
+        };
+        let mut creds = Vec::with_capacity(self.consumers.len());
+        for c in &self.consumers {
+            let rendered = extract(&fetched.value, c.field.as_deref())
+                .and_then(|v| c.injection.render(&v).map_err(|e| e.to_string()));
+            match rendered {
+                Ok(cred) => creds.push(cred),
+                Err(detail) => {
+                    let err = SourceError::Invalid {
+                        id: self.secret_id.clone(),
+                        detail: format!(
+                            "refused for route {:?} ({}): {detail}",
+                            c.route,
+                            c.injection.describe()
+                        ),
+                    };
+                    self.record_error(err.clone());
+                    return Err(err);
+                }
+            }
+        }
+        let current = self.current();
+        let changed = current
+            .as_ref()
+            .is_none_or(|c| c.creds != creds || c.version_id != fetched.version_id);
+        if changed {
+            let old_version = current.as_ref().and_then(|c| c.version_id.clone());
+            if let Some(v) = &old_version {
+                self.metrics.secret_version.remove(&SecretVersionLabel {
+                    secret: self.secret_id.clone(),
+                    stage: self.stage.clone(),
+                    version_id: v.clone(),
+                });
+            }
+            self.metrics
+                .secret_version
+                .get_or_create(&SecretVersionLabel {
+                    secret: self.secret_id.clone(),
+                    stage: self.stage.clone(),
+                    version_id: fetched.version_id.clone().unwrap_or_default(),
+                })
+                .set(1);
+            tracing::info!(secret = %self.secret_id, stage = %self.stage,
+                version = fetched.version_id.as_deref().unwrap_or("-"),
+                previous = old_version.as_deref().unwrap_or("-"), reason,
+                "secret loaded");
+            self.state.store(Some(Arc::new(Loaded {
+                version_id: fetched.version_id,
+                creds,
+            })));
+        } else {
+            tracing::debug!(secret = %self.secret_id, stage = %self.stage, reason, "secret unchanged");
+        }
+        self.count(if changed { "ok" } else { "unchanged" });
+        self.metrics.secret_stale.get_or_create(&self.label).set(0);
+        if let Ok(mut h) = self.health.lock() {
+            h.last_success = Some(Instant::now());
+            h.last_error = None;
+        }
+        Ok(())
+    }
+
+    /// Fetches now (background refresh): waits for a fetch already running, then fetches.
+    pub async fn refresh(&self) -> Result<(), SourceError> {
+        let _guard = self.fetch_lock.lock().await;
+        self.fetch_locked("refresh").await
+    }
+
+    /// The 401 path: the credentials in `seen` were refused upstream. Returns the credentials to
+    /// use now, which are `seen` itself when nothing newer could be had (another caller already
+    /// refreshed within the cooldown, or Secrets Manager still holds the same value).
+    pub async fn refresh_now(&self, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
+        let newer = |cur: &Option<Arc<Loaded>>| cur.as_ref().is_some_and(|c| !Arc::ptr_eq(c, seen));
+        let cur = self.current();
+        if newer(&cur) {
+            return cur;
+        }
+        let mut guard = self.fetch_lock.lock().await;
+        let cur = self.current();
+        if newer(&cur) {
+            return cur;
+        }
+        if guard
+            .last_forced
+            .is_some_and(|t| t.elapsed() < self.cooldown)
+        {
+            return cur;
+        }
+        guard.last_forced = Some(Instant::now());
+        let _ = self.fetch_locked("401").await;
+        self.current()
+    }
+
+    /// The background loop: fetch, then sleep `interval` ± 10% (or back off after a failure).
+    async fn run(self: Arc<Self>) {
+        let first_backoff = Duration::from_millis(500);
+        let mut backoff = first_backoff;
+        loop {
+            let wait = match self.refresh().await {
+                Ok(()) => {
+                    backoff = first_backoff;
+                    jitter(self.interval)
+                }
+                Err(_) => {
+                    let w = backoff;
+                    // Without any value, retry soon so the proxy becomes ready quickly; with a
+                    // stale value, back off further, up to the refresh interval.
+                    let cap = if self.is_loaded() {
+                        self.interval.min(Duration::from_secs(300))
+                    } else {
+                        Duration::from_secs(10)
+                    };
+                    backoff = (backoff * 2).min(cap.max(first_backoff));
+                    jitter(w)
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// `d` ± 10%.
+fn jitter(d: Duration) -> Duration {
+    let f: f64 = rand::rng().random_range(0.9..=1.1);
+    d.mul_f64(f)
+}
+
+/// Where a route finds its credential: an entry and the route's slot in it.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// The shared entry.
+    pub entry: Arc<Entry>,
+    /// Index into [`Loaded::creds`].
+    pub index: usize,
+}
+
+impl Slot {
+    /// The route's credential in `loaded`.
+    #[inline]
+    pub fn credential<'a>(&self, loaded: &'a Loaded) -> Option<&'a Credential> {
+        loaded.creds.get(self.index)
+    }
+}
+
+/// All entries, and the background tasks that refresh them (aborted on drop).
+#[derive(Debug)]
+pub struct SecretCache {
+    entries: Vec<Arc<Entry>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for SecretCache {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl SecretCache {
+    /// Builds one entry per (secret id, stage) over `routes`, returning the cache and each
+    /// route's slot (in route order). Nothing is fetched until [`SecretCache::start`].
+    pub fn new(
+        routes: &[RouteConfig],
+        source: Arc<dyn SecretSource>,
+        metrics: Arc<Metrics>,
+    ) -> (SecretCache, Vec<Slot>) {
+        let mut groups: Vec<((String, String), Vec<usize>)> = Vec::new();
+        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            let key = (r.secret_id.clone(), r.version_stage.clone());
+            let g = *index.entry(key.clone()).or_insert_with(|| {
+                groups.push((key, Vec::new()));
+                groups.len() - 1
+            });
+            groups[g].1.push(i);
+        }
+        let mut slots: Vec<Option<Slot>> = vec![None; routes.len()];
+        let mut entries = Vec::new();
+        for ((secret_id, stage), members) in groups {
+            let consumers = members
+                .iter()
+                .map(|&i| Consumer {
+                    route: routes[i].name.clone(),
+                    field: routes[i].secret_field.clone(),
+                    injection: routes[i].injection.clone(),
+                })
+                .collect();
+            let mut interval = members
+                .iter()
+                .map(|&i| routes[i].refresh_interval)
+                .min()
+                .unwrap_or(Duration::from_secs(300));
+            if let Some(p) = source.poll_interval() {
+                interval = interval.min(p);
+            }
+            let cooldown = members
+                .iter()
+                .map(|&i| routes[i].refresh_cooldown)
+                .min()
+                .unwrap_or_default();
+            let label = SecretLabel {
+                secret: secret_id.clone(),
+                stage: stage.clone(),
+            };
+            let entry = Arc::new(Entry {
+                secret_id,
+                stage,
+                consumers,
+                state: ArcSwapOption::empty(),
+                health: Mutex::new(Health::default()),
+                fetch_lock: tokio::sync::Mutex::new(FetchState::default()),
+                interval,
+                cooldown,
+                source: source.clone(),
+                metrics: metrics.clone(),
+                label,
+            });
+            for (index, &i) in members.iter().enumerate() {
+                slots[i] = Some(Slot {
+                    entry: entry.clone(),
+                    index,
+                });
+            }
+            entries.push(entry);
+        }
+        let slots = slots.into_iter().flatten().collect();
+        (
+            SecretCache {
+                entries,
+                tasks: Vec::new(),
+            },
+            slots,
+        )
+    }
+
+    /// Starts one background refresh task per entry; the first fetch begins at once.
+    pub fn start(&mut self) {
+        for e in &self.entries {
+            self.tasks.push(tokio::spawn(e.clone().run()));
+        }
+    }
+
+    /// The entries.
+    pub fn entries(&self) -> &[Arc<Entry>] {
+        &self.entries
+    }
+
+    /// Whether every entry has a usable value.
+    pub fn ready(&self) -> bool {
+        self.entries.iter().all(|e| e.is_loaded())
+    }
+
+    /// Updates the scrape-time gauges (age of each secret).
+    pub fn update_gauges(&self, metrics: &Metrics) {
+        for e in &self.entries {
+            let s = e.status();
+            if let Some(age) = s.age {
+                metrics
+                    .secret_age
+                    .get_or_create(&e.label)
+                    .set(age.as_secs_f64());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_upstream;
+    use crate::inject::Template;
+    use crate::secrets::SecretVersion;
+    use futures_util::future::BoxFuture;
+    use http::header::HeaderName;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A source whose value and failure the test sets, counting fetches.
+    struct FakeSource {
+        value: Mutex<Result<(String, String), SourceError>>,
+        fetches: AtomicUsize,
+        delay: Duration,
+    }
+
+    impl FakeSource {
+        fn new(v: &str) -> Arc<FakeSource> {
+            Arc::new(FakeSource {
+                value: Mutex::new(Ok((v.to_owned(), "v1".to_owned()))),
+                fetches: AtomicUsize::new(0),
+                delay: Duration::from_millis(50),
+            })
+        }
+        fn set(&self, v: &str, version: &str) {
+            *self.value.lock().expect("lock") = Ok((v.to_owned(), version.to_owned()));
+        }
+        fn fail(&self) {
+            *self.value.lock().expect("lock") = Err(SourceError::Throttled {
+                id: "s".into(),
+                detail: "ThrottlingException".into(),
+            });
+        }
+    }
+
+    impl SecretSource for FakeSource {
+        fn fetch<'a>(
+            &'a self,
+            _id: &'a str,
+            _stage: &'a str,
+        ) -> BoxFuture<'a, Result<SecretVersion, SourceError>> {
+            Box::pin(async move {
+                self.fetches.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.delay).await;
+                let v = self.value.lock().expect("lock").clone();
+                v.map(|(value, version)| SecretVersion {
+                    version_id: Some(version),
+                    value: Secret::new(value),
+                })
+            })
+        }
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+    }
+
+    fn route(name: &str, field: Option<&str>) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            path_prefix: Some(format!("/{name}")),
+            host: None,
+            upstream: parse_upstream("http://127.0.0.1:1").expect("upstream"),
+            secret_id: "s".into(),
+            version_stage: "AWSCURRENT".into(),
+            secret_field: field.map(str::to_owned),
+            injection: Injection::Header {
+                name: HeaderName::from_static("authorization"),
+                template: Template::parse("Bearer {secret}").expect("t"),
+            },
+            refresh_interval: Duration::from_secs(60),
+            refresh_cooldown: Duration::from_secs(5),
+            retry_on_401: true,
+            max_replay_body: 1024,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn header(l: &Loaded, i: usize) -> String {
+        match &l.creds[i] {
+            Credential::Header(v) => v.to_str().expect("ascii").to_owned(),
+            Credential::Query(q) => q.clone(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn routes_share_one_entry_and_render_their_field() {
+        let src = FakeSource::new(r#"{"token":"t1","other":"o1"}"#);
+        let (cache, slots) = SecretCache::new(
+            &[route("a", Some("token")), route("b", Some("other"))],
+            src.clone(),
+            Arc::new(Metrics::new()),
+        );
+        assert_eq!(cache.entries().len(), 1);
+        let e = &slots[0].entry;
+        e.refresh().await.expect("fetch");
+        let l = e.current().expect("loaded");
+        assert_eq!(header(&l, slots[0].index), "Bearer t1");
+        assert_eq!(header(&l, slots[1].index), "Bearer o1");
+        assert!(cache.ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unusable_values_keep_the_last_good_one() {
+        let src = FakeSource::new(r#"{"token":"good"}"#);
+        let (_cache, slots) = SecretCache::new(
+            &[route("a", Some("token"))],
+            src.clone(),
+            Arc::new(Metrics::new()),
+        );
+        let e = &slots[0].entry;
+        e.refresh().await.expect("first");
+        for (bad, why) in [
+            ("not json", "not JSON"),
+            (r#"{"other":"x"}"#, "missing"),
+            (r#"{"token":5}"#, "not a string"),
+            (r#"{"token":"a\r\nX-Evil: 1"}"#, "CR or LF"),
+            (r#"{"token":""}"#, "empty"),
+        ] {
+            src.set(bad, "v2");
+            let err = e.refresh().await.expect_err("refused");
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+            assert!(!err.to_string().contains("Evil"));
+            assert_eq!(header(&e.current().expect("kept"), 0), "Bearer good");
+            assert!(e.status().error.is_some());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_serve_stale_and_recover() {
+        let src = FakeSource::new("k1");
+        let (_c, slots) =
+            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let e = &slots[0].entry;
+        e.refresh().await.expect("first");
+        src.fail();
+        assert_eq!(e.refresh().await.expect_err("fail").kind(), "throttled");
+        assert_eq!(header(&e.current().expect("stale"), 0), "Bearer k1");
+        src.set("k2", "v2");
+        e.refresh().await.expect("recovered");
+        assert_eq!(header(&e.current().expect("new"), 0), "Bearer k2");
+        assert!(e.status().error.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_401s_share_one_fetch_and_respect_the_cooldown() {
+        let src = FakeSource::new("k1");
+        let (_c, slots) =
+            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let e = slots[0].entry.clone();
+        e.refresh().await.expect("first");
+        let seen = e.current().expect("loaded");
+        src.set("k2", "v2");
+        let before = src.fetches.load(Ordering::SeqCst);
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let (e, seen) = (e.clone(), seen.clone());
+            tasks.push(tokio::spawn(async move { e.refresh_now(&seen).await }));
+        }
+        for t in tasks {
+            let got = t.await.expect("join").expect("loaded");
+            assert_eq!(header(&got, 0), "Bearer k2");
+        }
+        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 1);
+        // A second 401 with the new key inside the cooldown: no fetch, same value back.
+        let seen2 = e.current().expect("k2");
+        let got = e.refresh_now(&seen2).await.expect("loaded");
+        assert!(Arc::ptr_eq(&got, &seen2));
+        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 1);
+        // After the cooldown, a fetch happens again; same value: same Arc.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let got = e.refresh_now(&seen2).await.expect("loaded");
+        assert!(Arc::ptr_eq(&got, &seen2));
+        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_task_refreshes_and_backs_off() {
+        let src = FakeSource::new("k1");
+        src.fail();
+        let (mut cache, slots) =
+            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        cache.start();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!cache.ready());
+        // 0.5s, 1s, 2s backoff: about 3 attempts in 3 s, not dozens.
+        let n = src.fetches.load(Ordering::SeqCst);
+        assert!((2..=4).contains(&n), "{n} fetches");
+        src.set("k1", "v1");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(cache.ready());
+        src.set("k2", "v2");
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert_eq!(
+            header(&slots[0].entry.current().expect("l"), 0),
+            "Bearer k2"
+        );
+    }
+}

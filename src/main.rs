@@ -1,0 +1,179 @@
+//! The `keyproxy` binary: parse arguments, set up logs, load the config, run.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use keyproxy::config::{Config, DEFAULT_ADMIN_LISTEN};
+use keyproxy::telemetry::{self, LogFormat};
+
+/// EX_USAGE: the configuration is invalid.
+const EXIT_CONFIG: u8 = 64;
+
+/// A sidecar reverse proxy that injects API keys from AWS Secrets Manager.
+#[derive(Debug, Parser)]
+#[command(name = "keyproxy", version, about)]
+struct Cli {
+    /// Config file (TOML). Without one, a single route comes from KEYPROXY_* variables.
+    #[arg(long, short, env = "KEYPROXY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(
+        long,
+        env = "KEYPROXY_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+    /// Log filter, e.g. info, debug, keyproxy=trace (else RUST_LOG, else info).
+    #[arg(long, env = "KEYPROXY_LOG", global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration: exit 0, or print every problem and exit 64.
+    Check,
+    /// Check the local admin endpoint (container health check): exit 0 if healthy, else 1.
+    Health {
+        /// Check /readyz (every route has a key) instead of /healthz.
+        #[arg(long)]
+        ready: bool,
+        /// Admin address (else KEYPROXY_ADMIN_LISTEN, the config's admin_listen, or the default).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Time allowed for the answer.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    Config::load(cli.config.as_deref(), &env).map_err(|e| {
+        eprintln!("keyproxy: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Check) => match load(&cli) {
+            Ok(c) => {
+                println!(
+                    "{}: configuration is valid ({} route{})",
+                    c.origin,
+                    c.routes.len(),
+                    if c.routes.len() == 1 { "" } else { "s" }
+                );
+                for r in &c.routes {
+                    println!(
+                        "  route {:?}: {}{} -> {} (secret {:?} {}, {})",
+                        r.name,
+                        r.path_prefix
+                            .as_deref()
+                            .map(|p| format!("path {p}"))
+                            .unwrap_or_default(),
+                        r.host
+                            .as_deref()
+                            .map(|h| format!(" host {h}"))
+                            .unwrap_or_default(),
+                        r.upstream,
+                        r.secret_id,
+                        r.version_stage,
+                        r.injection.describe()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Some(Command::Health {
+            ready,
+            admin,
+            timeout,
+        }) => {
+            let addr = admin
+                .or_else(|| {
+                    std::env::var("KEYPROXY_ADMIN_LISTEN")
+                        .ok()
+                        .and_then(|a| a.parse().ok())
+                })
+                .or_else(|| {
+                    let env = HashMap::new();
+                    cli.config
+                        .as_deref()
+                        .and_then(|p| Config::from_file(p, &env).ok())
+                        .map(|c| c.admin_listen)
+                })
+                .or_else(|| DEFAULT_ADMIN_LISTEN.parse().ok());
+            let Some(addr) = addr else {
+                eprintln!("keyproxy health: no admin address");
+                return ExitCode::FAILURE;
+            };
+            let path = if *ready { "/readyz" } else { "/healthz" };
+            match runtime().and_then(|rt| {
+                rt.block_on(keyproxy::admin_client::get(addr, path, *timeout))
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok((200, _)) => ExitCode::SUCCESS,
+                Ok((status, body)) => {
+                    eprintln!("keyproxy health: {path} answered {status}: {}", body.trim());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("keyproxy health: {path}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Run) | None => {
+            let spec = cli
+                .log
+                .clone()
+                .or_else(|| std::env::var("RUST_LOG").ok())
+                .unwrap_or_else(|| "info".into());
+            if let Err(e) = telemetry::init(&spec, cli.log_format) {
+                eprintln!("keyproxy: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let config = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("keyproxy: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(keyproxy::run(config, keyproxy::shutdown_signal())) {
+                Ok(()) => {
+                    tracing::info!("stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "keyproxy cannot run");
+                    eprintln!("keyproxy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}

@@ -1,0 +1,215 @@
+//! Request → route. Fail closed: a request matches a configured path prefix or host, or nothing
+//! is forwarded.
+//!
+//! - Reverse mode (origin-form, `GET /payments/charges`): the longest `path_prefix` that matches
+//!   on a segment boundary wins, and is stripped.
+//! - Forward mode (absolute-form, `GET http://api.example.com/x`, as `HTTP_PROXY` clients send):
+//!   the URL's host must be a route's `host`; the path is kept. An origin-form request whose
+//!   `Host` names a route's `host` (and matches no prefix) is treated the same way.
+
+use std::collections::HashMap;
+
+use percent_encoding::percent_decode_str;
+
+use crate::config::RouteConfig;
+
+/// Which route, and the path to send upstream (below the upstream's base path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched<'a> {
+    /// Index of the route in configuration order.
+    pub route: usize,
+    /// The remaining path (starts with `/`, or is empty).
+    pub rest: &'a str,
+}
+
+/// The routing table.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    /// (prefix, route), longest prefix first.
+    prefixes: Vec<(String, usize)>,
+    /// host (lower case, with port if configured) → route.
+    hosts: HashMap<String, usize>,
+}
+
+impl Router {
+    /// Builds the table from validated routes.
+    pub fn new(routes: &[RouteConfig]) -> Router {
+        let mut prefixes: Vec<(String, usize)> = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.path_prefix.clone().map(|p| (p, i)))
+            .collect();
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+        let hosts = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.host.clone().map(|h| (h, i)))
+            .collect();
+        Router { prefixes, hosts }
+    }
+
+    /// Matches an origin-form path by prefix.
+    pub fn by_path<'a>(&self, path: &'a str) -> Option<Matched<'a>> {
+        for (prefix, i) in &self.prefixes {
+            if prefix == "/" {
+                return Some(Matched {
+                    route: *i,
+                    rest: path,
+                });
+            }
+            if let Some(rest) = path.strip_prefix(prefix.as_str()) {
+                if rest.is_empty() || rest.starts_with('/') {
+                    return Some(Matched { route: *i, rest });
+                }
+            }
+        }
+        None
+    }
+
+    /// Matches a host (`api.example.com` or `api.example.com:8443`): a route host with a port
+    /// must match exactly; one without a port matches the host on any port.
+    pub fn by_host(&self, authority: &str) -> Option<usize> {
+        if self.hosts.is_empty() {
+            return None;
+        }
+        let lower = authority.to_ascii_lowercase();
+        if let Some(i) = self.hosts.get(&lower) {
+            return Some(*i);
+        }
+        let host = match lower.rsplit_once(':') {
+            Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => lower.as_str(),
+        };
+        self.hosts.get(host).copied()
+    }
+}
+
+/// Checks that a path cannot climb out of the route's prefix or the upstream's base path: no
+/// `.` or `..` segment, raw or percent-encoded, with `/` or `\` as separators; no NUL.
+pub fn check_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("the path must start with '/'".into());
+    }
+    let decoded = percent_decode_str(path).collect::<Vec<u8>>();
+    // Decode twice: some servers decode again.
+    let twice = percent_decode_str(&String::from_utf8_lossy(&decoded)).collect::<Vec<u8>>();
+    for bytes in [&decoded, &twice] {
+        if bytes.contains(&0) {
+            return Err("the path contains a NUL byte".into());
+        }
+        if bytes
+            .split(|b| *b == b'/' || *b == b'\\')
+            .any(|seg| seg == b"." || seg == b"..")
+        {
+            return Err("the path contains a '.' or '..' segment".into());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn router() -> Router {
+        let c = Config::from_toml(
+            r#"
+            [[route]]
+            name = "root"
+            path_prefix = "/"
+            upstream = "http://127.0.0.1:1"
+            secret_id = "a"
+            [[route]]
+            name = "pay"
+            path_prefix = "/payments"
+            upstream = "http://127.0.0.1:1"
+            secret_id = "a"
+            [[route]]
+            name = "payv2"
+            path_prefix = "/payments/v2"
+            upstream = "http://127.0.0.1:1"
+            secret_id = "a"
+            [[route]]
+            name = "maps"
+            host = "maps.example.com"
+            upstream = "https://maps.example.com"
+            secret_id = "b"
+            [[route]]
+            name = "mail"
+            host = "mail.example.com:8443"
+            upstream = "https://mail.example.com:8443"
+            secret_id = "c"
+        "#,
+            "t.toml",
+            Path::new("."),
+            &Default::default(),
+        )
+        .expect("config");
+        Router::new(&c.routes)
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundary() {
+        let r = router();
+        assert_eq!(
+            r.by_path("/payments/charges"),
+            Some(Matched {
+                route: 1,
+                rest: "/charges"
+            })
+        );
+        assert_eq!(r.by_path("/payments"), Some(Matched { route: 1, rest: "" }));
+        assert_eq!(
+            r.by_path("/payments/v2/x"),
+            Some(Matched {
+                route: 2,
+                rest: "/x"
+            })
+        );
+        assert_eq!(
+            r.by_path("/paymentsX"),
+            Some(Matched {
+                route: 0,
+                rest: "/paymentsX"
+            })
+        );
+    }
+
+    #[test]
+    fn no_match_without_catch_all() {
+        let mut r = router();
+        r.prefixes.retain(|(p, _)| p != "/");
+        assert_eq!(r.by_path("/other"), None);
+        assert_eq!(r.by_path("/paymentsX"), None);
+    }
+
+    #[test]
+    fn hosts_match_with_and_without_ports() {
+        let r = router();
+        assert_eq!(r.by_host("maps.example.com"), Some(3));
+        assert_eq!(r.by_host("MAPS.example.com:80"), Some(3));
+        assert_eq!(r.by_host("mail.example.com:8443"), Some(4));
+        assert_eq!(r.by_host("mail.example.com"), None);
+        assert_eq!(r.by_host("evil.example.com"), None);
+    }
+
+    #[test]
+    fn path_escapes_are_refused() {
+        assert!(check_path("/payments/charges").is_ok());
+        assert!(check_path("/a/b.c/..d").is_ok());
+        for bad in [
+            "/payments/../admin",
+            "/payments/%2e%2e/admin",
+            "/payments/%2E%2e%2Fadmin",
+            "/payments/..%2fadmin",
+            "/payments/%252e%252e/admin",
+            "/payments/..\\admin",
+            "/payments/./x",
+            "/a%00b",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
+}

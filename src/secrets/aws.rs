@@ -1,0 +1,185 @@
+//! The `aws` source: `GetSecretValue` against Secrets Manager, always with `VersionStage`.
+//!
+//! Credentials and region come from the SDK's default chain (environment, ECS task role, IRSA /
+//! EKS Pod Identity, instance profile, profile files); `[aws] region` and `[aws] endpoint_url`
+//! override them, and `AWS_ENDPOINT_URL_SECRETS_MANAGER` / `AWS_ENDPOINT_URL` are honoured by the
+//! SDK itself. TLS is rustls with the `ring` provider (no OpenSSL, no aws-lc build).
+
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::Client;
+use aws_smithy_http_client::tls;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use futures_util::future::BoxFuture;
+
+use super::{Secret, SecretSource, SecretVersion, SourceError};
+
+/// Settings for the Secrets Manager client (`[aws]` in the config file).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AwsSettings {
+    /// Region; else the SDK's default chain (`AWS_REGION`, profile, IMDS).
+    pub region: Option<String>,
+    /// Endpoint override; else `AWS_ENDPOINT_URL_SECRETS_MANAGER` / `AWS_ENDPOINT_URL` / AWS.
+    pub endpoint_url: Option<String>,
+    /// Time allowed for one attempt of one call.
+    pub attempt_timeout: Duration,
+    /// Time allowed to open a connection to Secrets Manager.
+    pub connect_timeout: Duration,
+    /// Attempts per call (the SDK's standard retry with backoff); 1 disables retries.
+    pub max_attempts: u32,
+}
+
+/// Builds a Secrets Manager client from `settings` and the SDK's default chain.
+pub async fn client(settings: &AwsSettings) -> Client {
+    let http_client = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http_client)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(settings.connect_timeout)
+                .operation_attempt_timeout(settings.attempt_timeout)
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1)));
+    if let Some(region) = &settings.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(url) = &settings.endpoint_url {
+        loader = loader.endpoint_url(url.clone());
+    }
+    Client::new(&loader.load().await)
+}
+
+/// Reads secrets from AWS Secrets Manager.
+#[derive(Debug, Clone)]
+pub struct AwsSource {
+    /// The SDK client (cheap to clone; pooled connections inside).
+    client: Client,
+}
+
+impl AwsSource {
+    /// A source over an existing client.
+    pub fn new(client: Client) -> Self {
+        AwsSource { client }
+    }
+}
+
+impl SecretSource for AwsSource {
+    fn fetch<'a>(
+        &'a self,
+        id: &'a str,
+        stage: &'a str,
+    ) -> BoxFuture<'a, Result<SecretVersion, SourceError>> {
+        Box::pin(async move {
+            let out = self
+                .client
+                .get_secret_value()
+                .secret_id(id)
+                .version_stage(stage)
+                .send()
+                .await
+                .map_err(|e| classify(id, e))?;
+            let value = if let Some(s) = out.secret_string {
+                s
+            } else if let Some(b) = out.secret_binary {
+                String::from_utf8(b.into_inner()).map_err(|_| SourceError::Invalid {
+                    id: id.to_owned(),
+                    detail: "SecretBinary is not UTF-8 text".into(),
+                })?
+            } else {
+                return Err(SourceError::Invalid {
+                    id: id.to_owned(),
+                    detail: "the version has neither SecretString nor SecretBinary".into(),
+                });
+            };
+            Ok(SecretVersion {
+                version_id: out.version_id,
+                value: Secret::new(value),
+            })
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+}
+
+/// Maps an SDK error onto a [`SourceError`] kind. AWS error messages never carry secret values.
+pub fn classify<E, R>(id: &str, err: SdkError<E, R>) -> SourceError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    let id = id.to_owned();
+    match &err {
+        SdkError::TimeoutError(_) => SourceError::Timeout {
+            id,
+            detail: "no answer from Secrets Manager in time".into(),
+        },
+        SdkError::DispatchFailure(f) => {
+            let detail = if f.is_timeout() {
+                return SourceError::Timeout {
+                    id,
+                    detail: "connecting to Secrets Manager timed out".into(),
+                };
+            } else if f.is_io() {
+                "cannot connect to Secrets Manager".to_string()
+            } else {
+                format!("cannot send the request: {}", error_chain(&err))
+            };
+            SourceError::Unreachable { id, detail }
+        }
+        SdkError::ServiceError(se) => {
+            let e = se.err();
+            let code = e.code().unwrap_or("Unknown").to_string();
+            let detail = match e.message() {
+                Some(m) => format!("{code}: {m}"),
+                None => code.clone(),
+            };
+            match code.as_str() {
+                "ResourceNotFoundException" => SourceError::NotFound { id, detail },
+                "AccessDeniedException" | "UnrecognizedClientException" => {
+                    SourceError::AccessDenied { id, detail }
+                }
+                "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
+                    SourceError::Throttled { id, detail }
+                }
+                "DecryptionFailure" => SourceError::Decryption { id, detail },
+                _ => SourceError::Other { id, detail },
+            }
+        }
+        SdkError::ResponseError(_) => SourceError::Other {
+            id,
+            detail: format!(
+                "unreadable answer from Secrets Manager: {}",
+                error_chain(&err)
+            ),
+        },
+        _ => SourceError::Other {
+            id,
+            detail: error_chain(&err),
+        },
+    }
+}
+
+/// The error and its sources, joined by `: `.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}

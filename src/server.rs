@@ -1,0 +1,252 @@
+//! Wiring: bind the listeners, start the cache, serve until shutdown, drain.
+//!
+//! [`run`] builds everything from a validated [`Config`], binds both listeners (the app's and the
+//! admin's), fetches secrets in the background, and serves until `shutdown` resolves. Then it
+//! stops accepting, turns `/readyz` to 503, lets in-flight requests finish for up to
+//! `drain_timeout`, and returns.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::admin::{self, AdminState};
+use crate::cache::SecretCache;
+use crate::config::{Config, SourceConfig};
+use crate::error::ProxyError;
+use crate::forward;
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, Route};
+use crate::secrets::aws::{self as aws_source, AwsSource};
+use crate::secrets::file::FileSource;
+use crate::secrets::SecretSource;
+
+/// Largest request head (request line + headers) accepted; larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// `listen` or `admin_listen`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The upstream client could not be built.
+    #[error(transparent)]
+    Client(#[from] forward::ClientError),
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::Bind { what, addr, source })
+}
+
+/// Builds the secret source the config names.
+pub async fn source(config: &Config) -> Arc<dyn SecretSource> {
+    match &config.source {
+        SourceConfig::Aws(settings) => Arc::new(AwsSource::new(aws_source::client(settings).await)),
+        SourceConfig::File(path) => Arc::new(FileSource::new(path.clone())),
+    }
+}
+
+/// Runs the proxy until `shutdown` resolves, then drains.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let client = forward::client(config.connect_timeout, config.ca_bundle.as_deref())?;
+    let app_listener = bind("listen", config.listen).await?;
+    let admin_listener = bind("admin_listen", config.admin_listen).await?;
+    let app_addr = app_listener.local_addr().map_err(|source| RunError::Bind {
+        what: "listen",
+        addr: config.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| RunError::Bind {
+            what: "admin_listen",
+            addr: config.admin_listen,
+            source,
+        })?;
+
+    let source = source(&config).await;
+    let (mut cache, slots) = SecretCache::new(&config.routes, source.clone(), metrics.clone());
+    cache.start();
+    let cache = Arc::new(cache);
+    let routes = config
+        .routes
+        .iter()
+        .zip(slots)
+        .map(|(rc, slot)| Route {
+            metrics: metrics.route(&rc.name),
+            config: rc.clone(),
+            slot,
+        })
+        .collect();
+    let proxy = Arc::new(Proxy::new(
+        routes,
+        client,
+        metrics.clone(),
+        config.app_auth.clone(),
+        config.access_log,
+    ));
+    let admin_state = Arc::new(AdminState {
+        cache: cache.clone(),
+        metrics: metrics.clone(),
+        draining: AtomicBool::new(false),
+    });
+
+    if !app_addr.ip().is_loopback() && config.app_auth.is_none() {
+        tracing::warn!(addr = %app_addr,
+            "the app listener is not on loopback and no app token is required: anything that can reach this address can use the keys; set [app_auth] or listen on 127.0.0.1");
+    }
+    for r in &config.routes {
+        if r.upstream.scheme == http::uri::Scheme::HTTP && !is_local(r.upstream.authority.host()) {
+            tracing::warn!(route = %r.name, upstream = %r.upstream,
+                "upstream is plain http: the key crosses the network unencrypted");
+        }
+    }
+    tracing::info!(addr = %app_addr, "app listener ready");
+    tracing::info!(addr = %admin_addr, "admin listener ready");
+    tracing::info!(routes = config.routes.len(), source = source.name(), config = %config.origin, "keyproxy started");
+
+    let admin_task = tokio::spawn(serve_admin(admin_listener, admin_state.clone()));
+
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(MAX_HEADER_BYTES);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = app_listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            metrics.connections_refused.inc();
+            tracing::warn!(peer = %peer, max = config.max_connections, "connection refused: max_connections reached");
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    stream.write_all(&ProxyError::Overloaded.raw_http1()),
+                )
+                .await;
+            });
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let svc = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+        });
+        let conn = http
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let gauge = metrics.connections.clone();
+        gauge.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "app connection ended with an error");
+            }
+            gauge.dec();
+            drop(permit);
+        });
+    }
+
+    admin_state.draining.store(true, Ordering::Relaxed);
+    drop(app_listener);
+    tracing::info!(drain_timeout = %humantime::format_duration(config.drain_timeout),
+        "shutting down: no new connections; waiting for requests in flight");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; closing the remaining connections"),
+    }
+    admin_task.abort();
+    Ok(())
+}
+
+fn is_local(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(admin::handle(&state, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
