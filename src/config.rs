@@ -670,7 +670,7 @@ fn validate(
                         Duration::from_secs(3),
                         Duration::from_millis(10),
                     ),
-                    max_attempts: aws.max_attempts.unwrap_or(3),
+                    max_attempts: aws.max_attempts.unwrap_or(2),
                 })
             }
             "file" => {

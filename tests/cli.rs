@@ -1,0 +1,107 @@
+//! The command line: `check`, config errors (exit 64 naming the key), `health`.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn keyproxy(args: &[&str], config: Option<&str>, env: &[(&str, &str)]) -> (i32, String, String) {
+    let dir = scratch("cli");
+    let mut cmd = Command::new(binary());
+    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.args(args);
+    if let Some(text) = config {
+        let p = dir.join("k.toml");
+        std::fs::write(&p, text).expect("write");
+        cmd.arg("--config").arg(p);
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().expect("run keyproxy");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const ROUTE: &str = "[[route]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \"https://api.example.com\"\nsecret_id = \"s\"\n";
+
+#[test]
+fn check_accepts_the_shipped_configs() {
+    for file in ["config/local.toml", "config/example.toml"] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let (code, out, err) = keyproxy(&["check", "--config", &path], None, &[]);
+        assert_eq!(code, 0, "{file}: {out}{err}");
+        assert!(out.contains("configuration is valid"), "{out}");
+    }
+}
+
+#[test]
+fn each_config_error_exits_64_naming_the_key() {
+    let cases: &[(&str, &str)] = &[
+        ("lisen = \"127.0.0.1:1\"\n", "lisen"),
+        ("listen = \"nope\"\n", "listen"),
+        ("admin_listen = \"127.0.0.1\"\n", "admin_listen"),
+        ("drain_timeout = \"forever\"\n", "drain_timeout"),
+        ("max_connections = 0\n", "max_connections"),
+        ("ca_bundle = \"/nonexistent.pem\"\n", "ca_bundle"),
+        ("[source]\ntype = \"vault\"\n", "source.type"),
+        ("[source]\ntype = \"file\"\n", "source.path"),
+        ("[aws]\nendpoint_url = \"::\"\n", "aws.endpoint_url"),
+        ("[aws]\nregoin = \"x\"\n", "aws.regoin"),
+        ("[app_auth]\ntoken_env = \"NOPE_NOT_SET\"\n", "app_auth.token_env"),
+    ];
+    for (extra, key) in cases {
+        for mode in [&["check"][..], &[][..]] {
+            let (code, _, err) = keyproxy(mode, Some(&format!("{extra}{ROUTE}")), &[]);
+            assert_eq!(code, 64, "{extra:?} ({mode:?}): {err}");
+            assert!(err.contains(&format!("{key}:")), "{extra:?}: error does not name {key}: {err}");
+        }
+    }
+    let route_cases: &[(&str, &str)] = &[
+        ("header = \"bad header\"", "route[0].header"),
+        ("value = \"no placeholder\"", "route[0].value"),
+        ("refresh_interval = \"0s\"", "route[0].refresh_interval"),
+        ("max_replay_body = \"lots\"", "route[0].max_replay_body"),
+        ("retry_on_401 = \"yes\"", "(syntax)"),
+        ("timeout = \"-1s\"", "route[0].timeout"),
+        ("version_stage = \"\"", "route[0].version_stage"),
+        ("secret_feild = \"token\"", "route[0].secret_feild"),
+        ("query_param = \"k\"\nheader = \"X\"", "route[0].query_param"),
+    ];
+    for (extra, key) in route_cases {
+        let (code, _, err) = keyproxy(&["check"], Some(&format!("{ROUTE}{extra}\n")), &[]);
+        assert_eq!(code, 64, "{extra:?}: {err}");
+        assert!(err.contains(&format!("{key}:")), "{extra:?}: error does not name {key}: {err}");
+    }
+    let (code, _, err) = keyproxy(&["check"], Some(&ROUTE.replace("https://api.example.com", "ftp://x")), &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("route[0].upstream:"), "{err}");
+    // Every problem at once, with the file named.
+    let (code, _, err) = keyproxy(&["check"], Some(&format!("listen = \"x\"\n{ROUTE}timeout = \"x\"\n")), &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("2 problems") && err.contains("k.toml"), "{err}");
+}
+
+#[test]
+fn env_config_errors_name_the_variable() {
+    let (code, _, err) = keyproxy(
+        &["check"],
+        None,
+        &[("KEYPROXY_UPSTREAM", "nope"), ("KEYPROXY_SECRET_ID", "s"), ("KEYPROXY_REFRESH_INTERVAL", "x")],
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("KEYPROXY_UPSTREAM:") && err.contains("KEYPROXY_REFRESH_INTERVAL:"), "{err}");
+    let (code, _, err) = keyproxy(&[], None, &[]);
+    assert_eq!(code, 64, "no config at all: {err}");
+    assert!(err.contains("KEYPROXY_UPSTREAM"), "{err}");
+}
+
+#[test]
+fn health_fails_when_nothing_listens() {
+    let port = free_port();
+    let (code, _, err) = keyproxy(&["health", "--admin", &format!("127.0.0.1:{port}")], None, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/healthz"), "{err}");
+}

@@ -1,0 +1,605 @@
+//! End-to-end test harness: real processes on 127.0.0.1.
+//!
+//! - [`Moto`]: moto's server as Secrets Manager (`moto_server`, installed by `scripts/test`),
+//!   one per test, killed on drop; [`Moto::client`] is the real AWS SDK pointed at it.
+//! - [`KeyProxy`]: the `keyproxy` binary, logging JSON at `trace` into memory, killed on drop;
+//!   [`KeyProxy::assert_no_leak`] checks that no given secret value reached its logs.
+//! - [`Upstream`]: a small HTTP API of the test's own (hyper), recording every request it gets.
+//! - [`http`]: a plain HTTP/1.1 client for the app side.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// A free port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "keyproxy-test-{name}-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&d).expect("mkdir");
+    d
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish() % 1_000_000
+}
+
+/// moto's Secrets Manager server.
+pub struct Moto {
+    child: Option<Child>,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Moto {
+    /// Starts moto on a free port and waits until it answers.
+    pub fn start() -> Moto {
+        Moto::start_on(free_port())
+    }
+
+    /// Starts moto on `port` and waits until it answers.
+    pub fn start_on(port: u16) -> Moto {
+        let bin = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (run scripts/test, which installs moto[server]): {e}"));
+        let m = Moto {
+            child: Some(child),
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    /// A handle for a port where no moto runs (yet): for outage tests.
+    pub fn not_running(port: u16) -> Moto {
+        Moto { child: None, port }
+    }
+
+    /// Its endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (the port stays reserved only by chance: tests restart on the same port at once).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The real SDK client pointed at this moto.
+    pub fn client(&self) -> aws_sdk_secretsmanager::Client {
+        sdk_client(&self.url())
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An SDK client for `endpoint` with dummy credentials.
+pub fn sdk_client(endpoint: &str) -> aws_sdk_secretsmanager::Client {
+    let conf = aws_sdk_secretsmanager::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .endpoint_url(endpoint)
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https(),
+        )
+        .build();
+    aws_sdk_secretsmanager::Client::from_conf(conf)
+}
+
+/// Creates a secret with a string value; returns its version id.
+pub async fn create_secret(c: &aws_sdk_secretsmanager::Client, id: &str, value: &str) -> String {
+    c.create_secret()
+        .name(id)
+        .secret_string(value)
+        .send()
+        .await
+        .expect("create_secret")
+        .version_id
+        .expect("version")
+}
+
+/// Puts a new AWSCURRENT version (what a finished rotation leaves behind).
+pub async fn put_current(c: &aws_sdk_secretsmanager::Client, id: &str, value: &str) -> String {
+    c.put_secret_value()
+        .secret_id(id)
+        .secret_string(value)
+        .version_stages("AWSCURRENT")
+        .send()
+        .await
+        .expect("put_secret_value")
+        .version_id
+        .expect("version")
+}
+
+/// Environment for a keyproxy process that talks to `moto`.
+pub fn aws_env(moto: &Moto) -> Vec<(String, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL_SECRETS_MANAGER".into(), moto.url()),
+        ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+    ]
+}
+
+/// A running keyproxy process.
+pub struct KeyProxy {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    /// App listener.
+    pub addr: SocketAddr,
+    /// Admin listener.
+    pub admin: SocketAddr,
+    /// Scratch dir holding the config.
+    pub dir: PathBuf,
+}
+
+/// The keyproxy binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_keyproxy")
+}
+
+impl KeyProxy {
+    /// Starts keyproxy with `config` (TOML; `listen`/`admin_listen` are set to free ports unless
+    /// given) and extra environment; waits until both listeners are up (not until ready).
+    pub fn start(config: &str, env: &[(String, String)]) -> KeyProxy {
+        let dir = scratch("kp");
+        let mut text = String::new();
+        if !config.contains("\nlisten") && !config.starts_with("listen") {
+            text.push_str("listen = \"127.0.0.1:0\"\n");
+        }
+        if !config.contains("admin_listen") {
+            text.push_str("admin_listen = \"127.0.0.1:0\"\n");
+        }
+        text.push_str(config);
+        let path = dir.join("keyproxy.toml");
+        std::fs::write(&path, text).expect("write config");
+        let mut cmd = Command::new(binary());
+        cmd.arg("--config").arg(&path);
+        KeyProxy::spawn(cmd, env, dir)
+    }
+
+    /// Starts keyproxy configured only by environment variables.
+    pub fn start_env(env: &[(String, String)]) -> KeyProxy {
+        KeyProxy::spawn(Command::new(binary()), env, scratch("kp-env"))
+    }
+
+    fn spawn(mut cmd: Command, env: &[(String, String)], dir: PathBuf) -> KeyProxy {
+        cmd.args(["--log-format", "json", "--log", "trace"])
+            .env_remove("KEYPROXY_CONFIG")
+            .env_remove("RUST_LOG")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn keyproxy");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<(String, SocketAddr)>();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let msg = v["message"].as_str().unwrap_or_default();
+                    if msg == "app listener ready" || msg == "admin listener ready" {
+                        if let Some(a) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
+                            let _ = tx.send((msg.to_owned(), a));
+                        }
+                    }
+                }
+                sink.lock().expect("logs").push(line);
+            }
+        });
+        let mut addr = None;
+        let mut admin = None;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while addr.is_none() || admin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((m, a)) if m.starts_with("app") => addr = Some(a),
+                Ok((_, a)) => admin = Some(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!(
+                        "keyproxy did not start; logs:\n{}",
+                        logs.lock().expect("logs").join("\n")
+                    );
+                }
+            }
+        }
+        KeyProxy {
+            child,
+            logs,
+            addr: addr.expect("addr"),
+            admin: admin.expect("admin"),
+            dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` of the app listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = http::get(&format!("http://{}/readyz", self.admin)).await {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyproxy not ready in {within:?}; logs:\n{}",
+                self.logs().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        http::get(&format!("http://{}/metrics", self.admin))
+            .await
+            .expect("metrics")
+            .text()
+    }
+
+    /// Sum of a counter's samples whose line contains every one of `labels`.
+    pub async fn counter(&self, name: &str, labels: &[&str]) -> f64 {
+        sum_metric(&self.metrics().await, name, labels)
+    }
+
+    /// `GetSecretValue` calls made (every fetch result counted by keyproxy).
+    pub async fn fetches(&self) -> f64 {
+        self.counter("keyproxy_secret_fetches_total", &[]).await
+    }
+
+    /// The log lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().expect("logs").clone()
+    }
+
+    /// Log lines whose `message` is `msg`.
+    pub fn log_lines(&self, msg: &str) -> Vec<serde_json::Value> {
+        self.logs()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == msg)
+            .collect()
+    }
+
+    /// Panics if any of `secrets` appears in the logs so far.
+    pub fn assert_no_leak(&self, secrets: &[&str]) {
+        let logs = self.logs();
+        assert!(!logs.is_empty(), "no logs captured");
+        for s in secrets {
+            for l in &logs {
+                assert!(!l.contains(s), "secret {s:?} leaked into a log line: {l}");
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status (up to `within`).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for KeyProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sums a metric's samples whose line contains every label fragment.
+pub fn sum_metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub body: Bytes,
+}
+
+impl Seen {
+    /// A header's value, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// A handler's answer: status, headers, body chunks with the delay before each.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub chunks: Vec<(Duration, Bytes)>,
+}
+
+impl Reply {
+    /// A JSON answer.
+    pub fn json(status: u16, v: serde_json::Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            chunks: vec![(Duration::ZERO, Bytes::from(v.to_string()))],
+        }
+    }
+}
+
+type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
+
+/// A test upstream API on 127.0.0.1.
+pub struct Upstream {
+    /// Its address.
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts an API that answers each request with `handler`.
+    pub async fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handler: Handler = Arc::new(handler);
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (handler, log) = (handler.clone(), log.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (handler, log) = (handler.clone(), log.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let seen = Seen {
+                                method: parts.method.to_string(),
+                                path: parts.uri.path().to_owned(),
+                                query: parts.uri.query().map(str::to_owned),
+                                headers: parts
+                                    .headers
+                                    .iter()
+                                    .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                                    .collect(),
+                                body,
+                            };
+                            let reply = handler(&seen);
+                            log.lock().expect("seen").push(seen);
+                            let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(4);
+                            tokio::spawn(async move {
+                                for (delay, chunk) in reply.chunks {
+                                    tokio::time::sleep(delay).await;
+                                    if tx.send(Ok(hyper::body::Frame::data(chunk))).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            });
+                            let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+                            let mut resp = Response::new(body);
+                            *resp.status_mut() = hyper::StatusCode::from_u16(reply.status).expect("status");
+                            for (k, v) in reply.headers {
+                                resp.headers_mut().insert(
+                                    hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                                    v.parse().expect("value"),
+                                );
+                            }
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen, task }
+    }
+
+    /// An API that echoes what it saw as JSON (method, path, query, headers, body).
+    pub async fn echo() -> Upstream {
+        Upstream::start(|s| {
+            Reply::json(
+                200,
+                serde_json::json!({
+                    "method": s.method, "path": s.path, "query": s.query,
+                    "headers": s.headers, "body": String::from_utf8_lossy(&s.body),
+                }),
+            )
+        })
+        .await
+    }
+
+    /// An API that accepts only `Authorization: Bearer <k>` for `k` in `valid` (else 401).
+    pub async fn keyed(valid: Arc<Mutex<Vec<String>>>) -> Upstream {
+        Upstream::start(move |s| {
+            let ok = s
+                .header("authorization")
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .is_some_and(|k| valid.lock().expect("valid").iter().any(|v| v == k));
+            if ok {
+                Reply::json(200, serde_json::json!({"ok": true, "body": String::from_utf8_lossy(&s.body)}))
+            } else {
+                Reply::json(401, serde_json::json!({"error": "invalid api key"}))
+            }
+        })
+        .await
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// A plain HTTP/1.1 client for the app side.
+pub mod http {
+    use super::*;
+
+    /// A collected response.
+    #[derive(Debug)]
+    pub struct Resp {
+        pub status: u16,
+        pub headers: hyper::HeaderMap,
+        pub body: Bytes,
+    }
+
+    impl Resp {
+        pub fn text(&self) -> String {
+            String::from_utf8_lossy(&self.body).into_owned()
+        }
+        pub fn json(&self) -> serde_json::Value {
+            serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        }
+    }
+
+    type Client = hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >;
+
+    /// A pooled client.
+    pub fn client() -> Client {
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    /// Sends a request and collects the response.
+    pub async fn send(
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Resp, String> {
+        send_with(&client(), method, url, headers, body).await
+    }
+
+    /// Sends with a given client.
+    pub async fn send_with(
+        c: &Client,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Resp, String> {
+        let mut b = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(body.into())).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(30), c.request(req))
+            .await
+            .map_err(|_| "timeout".to_string())?
+            .map_err(|e| format!("{e:?}"))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Resp { status, headers, body })
+    }
+
+    /// GET.
+    pub async fn get(url: &str) -> Result<Resp, String> {
+        send("GET", url, &[], Bytes::new()).await
+    }
+}
