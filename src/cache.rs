@@ -35,7 +35,22 @@ pub struct Loaded {
     pub version_id: Option<String>,
     /// One credential per consumer (route), indexed by the route's slot.
     pub creds: Vec<Credential>,
+    /// Set when these credentials come from `AWSPENDING` (see [`Entry::refresh_now`]).
+    pub pending: Option<PendingHold>,
 }
+
+/// Why `AWSPENDING` credentials are in force: the `AWSCURRENT` version the API refused.
+#[derive(Debug, Clone)]
+pub struct PendingHold {
+    /// The `AWSCURRENT` version that got the 401. While Secrets Manager still returns it as
+    /// current (the rotation has not reached finishSecret), the pending credentials stay.
+    pub refused_version: Option<String>,
+    /// When the pending credentials were installed.
+    pub since: Instant,
+}
+
+/// How long pending credentials may stand in for a refused current version at most.
+const PENDING_HOLD_MAX: Duration = Duration::from_secs(3600);
 
 /// A route's use of an entry: which field of the secret, injected how.
 #[derive(Debug, Clone)]
@@ -96,6 +111,8 @@ pub struct Entry {
     fetch_lock: tokio::sync::Mutex<FetchState>,
     interval: Duration,
     cooldown: Duration,
+    /// Try `AWSPENDING` when a 401 persists with the current version (stage `AWSCURRENT` only).
+    pending_fallback: bool,
     source: Arc<dyn SecretSource>,
     metrics: Arc<Metrics>,
     label: SecretLabel,
@@ -193,9 +210,71 @@ impl Entry {
                 return Err(e);
             }
         };
+        let creds = self.render(&fetched.value)?;
+        let current = self.current();
+        if let Some(hold) = current.as_ref().and_then(|c| c.pending.as_ref()) {
+            if fetched.version_id == hold.refused_version && hold.since.elapsed() < PENDING_HOLD_MAX
+            {
+                // The rotation has not finished: the refused version is still AWSCURRENT.
+                self.count("unchanged");
+                self.mark_success();
+                return Ok(());
+            }
+        }
+        let changed = current.as_ref().is_none_or(|c| {
+            c.creds != creds || c.version_id != fetched.version_id || c.pending.is_some()
+        });
+        if changed {
+            let old_version = current.as_ref().and_then(|c| c.version_id.clone());
+            tracing::info!(secret = %self.secret_id, stage = %self.stage,
+                version = fetched.version_id.as_deref().unwrap_or("-"),
+                previous = old_version.as_deref().unwrap_or("-"), reason,
+                "secret loaded");
+            self.set_version_metric(old_version.as_deref(), fetched.version_id.as_deref());
+            self.state.store(Some(Arc::new(Loaded {
+                version_id: fetched.version_id,
+                creds,
+                pending: None,
+            })));
+        } else {
+            tracing::debug!(secret = %self.secret_id, stage = %self.stage, reason, "secret unchanged");
+        }
+        self.count(if changed { "ok" } else { "unchanged" });
+        self.mark_success();
+        Ok(())
+    }
+
+    fn mark_success(&self) {
+        self.metrics.secret_stale.get_or_create(&self.label).set(0);
+        if let Ok(mut h) = self.health.lock() {
+            h.last_success = Some(Instant::now());
+            h.last_error = None;
+        }
+    }
+
+    fn set_version_metric(&self, old: Option<&str>, new: Option<&str>) {
+        if let Some(v) = old {
+            self.metrics.secret_version.remove(&SecretVersionLabel {
+                secret: self.secret_id.clone(),
+                stage: self.stage.clone(),
+                version_id: v.to_owned(),
+            });
+        }
+        self.metrics
+            .secret_version
+            .get_or_create(&SecretVersionLabel {
+                secret: self.secret_id.clone(),
+                stage: self.stage.clone(),
+                version_id: new.unwrap_or_default().to_owned(),
+            })
+            .set(1);
+    }
+
+    /// Renders every consumer's credential from `value`, or refuses the value (recorded).
+    fn render(&self, value: &Secret) -> Result<Vec<Credential>, SourceError> {
         let mut creds = Vec::with_capacity(self.consumers.len());
         for c in &self.consumers {
-            let rendered = extract(&fetched.value, c.field.as_deref())
+            let rendered = extract(value, c.field.as_deref())
                 .and_then(|v| c.injection.render(&v).map_err(|e| e.to_string()));
             match rendered {
                 Ok(cred) => creds.push(cred),
@@ -213,45 +292,55 @@ impl Entry {
                 }
             }
         }
-        let current = self.current();
-        let changed = current
-            .as_ref()
-            .is_none_or(|c| c.creds != creds || c.version_id != fetched.version_id);
-        if changed {
-            let old_version = current.as_ref().and_then(|c| c.version_id.clone());
-            if let Some(v) = &old_version {
-                self.metrics.secret_version.remove(&SecretVersionLabel {
-                    secret: self.secret_id.clone(),
-                    stage: self.stage.clone(),
-                    version_id: v.clone(),
-                });
+        Ok(creds)
+    }
+
+    /// After a 401 that a fresh `AWSCURRENT` did not fix: installs the `AWSPENDING` version, if
+    /// there is one that differs from `seen`. Callers hold `fetch_lock`.
+    async fn try_pending_locked(&self, seen: &Arc<Loaded>) {
+        let result = self.source.fetch(&self.secret_id, "AWSPENDING").await;
+        let label = SecretResult {
+            secret: self.secret_id.clone(),
+            stage: "AWSPENDING".into(),
+            result: match &result {
+                Ok(_) => "ok".into(),
+                Err(e) => e.kind().into(),
+            },
+        };
+        self.metrics.fetches.get_or_create(&label).inc();
+        let fetched = match result {
+            Ok(v) => v,
+            Err(SourceError::NotFound { .. }) => {
+                tracing::debug!(secret = %self.secret_id, "no AWSPENDING version: no rotation in progress");
+                return;
             }
-            self.metrics
-                .secret_version
-                .get_or_create(&SecretVersionLabel {
-                    secret: self.secret_id.clone(),
-                    stage: self.stage.clone(),
-                    version_id: fetched.version_id.clone().unwrap_or_default(),
-                })
-                .set(1);
-            tracing::info!(secret = %self.secret_id, stage = %self.stage,
-                version = fetched.version_id.as_deref().unwrap_or("-"),
-                previous = old_version.as_deref().unwrap_or("-"), reason,
-                "secret loaded");
-            self.state.store(Some(Arc::new(Loaded {
-                version_id: fetched.version_id,
-                creds,
-            })));
-        } else {
-            tracing::debug!(secret = %self.secret_id, stage = %self.stage, reason, "secret unchanged");
+            Err(e) => {
+                tracing::warn!(secret = %self.secret_id, error = %e, "reading AWSPENDING after a 401 failed");
+                return;
+            }
+        };
+        if fetched.version_id == seen.version_id {
+            return;
         }
-        self.count(if changed { "ok" } else { "unchanged" });
-        self.metrics.secret_stale.get_or_create(&self.label).set(0);
-        if let Ok(mut h) = self.health.lock() {
-            h.last_success = Some(Instant::now());
-            h.last_error = None;
+        let Ok(creds) = self.render(&fetched.value) else {
+            return;
+        };
+        if creds == seen.creds {
+            return;
         }
-        Ok(())
+        tracing::info!(secret = %self.secret_id,
+            version = fetched.version_id.as_deref().unwrap_or("-"),
+            refused = seen.version_id.as_deref().unwrap_or("-"),
+            "the API refused the AWSCURRENT key and a rotation is in progress: using the AWSPENDING version until AWSCURRENT moves");
+        self.set_version_metric(seen.version_id.as_deref(), fetched.version_id.as_deref());
+        self.state.store(Some(Arc::new(Loaded {
+            version_id: fetched.version_id,
+            creds,
+            pending: Some(PendingHold {
+                refused_version: seen.version_id.clone(),
+                since: Instant::now(),
+            }),
+        })));
     }
 
     /// Fetches now (background refresh): waits for a fetch already running, then fetches.
@@ -282,6 +371,11 @@ impl Entry {
         }
         guard.last_forced = Some(Instant::now());
         let _ = self.fetch_locked("401").await;
+        let cur = self.current();
+        if newer(&cur) || !self.pending_fallback {
+            return cur;
+        }
+        self.try_pending_locked(seen).await;
         self.current()
     }
 
@@ -393,6 +487,8 @@ impl SecretCache {
                 .map(|&i| routes[i].refresh_cooldown)
                 .min()
                 .unwrap_or_default();
+            let pending_fallback =
+                stage == "AWSCURRENT" && members.iter().any(|&i| routes[i].pending_fallback);
             let label = SecretLabel {
                 secret: secret_id.clone(),
                 stage: stage.clone(),
@@ -406,6 +502,7 @@ impl SecretCache {
                 fetch_lock: tokio::sync::Mutex::new(FetchState::default()),
                 interval,
                 cooldown,
+                pending_fallback,
                 source: source.clone(),
                 metrics: metrics.clone(),
                 label,
@@ -472,6 +569,7 @@ mod tests {
     /// A source whose value and failure the test sets, counting fetches.
     struct FakeSource {
         value: Mutex<Result<(String, String), SourceError>>,
+        pending: Mutex<Option<(String, String)>>,
         fetches: AtomicUsize,
         delay: Duration,
     }
@@ -480,6 +578,7 @@ mod tests {
         fn new(v: &str) -> Arc<FakeSource> {
             Arc::new(FakeSource {
                 value: Mutex::new(Ok((v.to_owned(), "v1".to_owned()))),
+                pending: Mutex::new(None),
                 fetches: AtomicUsize::new(0),
                 delay: Duration::from_millis(50),
             })
@@ -499,12 +598,23 @@ mod tests {
         fn fetch<'a>(
             &'a self,
             _id: &'a str,
-            _stage: &'a str,
+            stage: &'a str,
         ) -> BoxFuture<'a, Result<SecretVersion, SourceError>> {
             Box::pin(async move {
                 self.fetches.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(self.delay).await;
-                let v = self.value.lock().expect("lock").clone();
+                let v = if stage == "AWSPENDING" {
+                    self.pending
+                        .lock()
+                        .expect("lock")
+                        .clone()
+                        .ok_or(SourceError::NotFound {
+                            id: "s".into(),
+                            detail: "no AWSPENDING".into(),
+                        })
+                } else {
+                    self.value.lock().expect("lock").clone()
+                };
                 v.map(|(value, version)| SecretVersion {
                     version_id: Some(version),
                     value: Secret::new(value),
@@ -531,6 +641,7 @@ mod tests {
             },
             refresh_interval: Duration::from_secs(60),
             refresh_cooldown: Duration::from_secs(5),
+            pending_fallback: true,
             retry_on_401: true,
             max_replay_body: 1024,
             timeout: Duration::from_secs(1),
@@ -632,7 +743,36 @@ mod tests {
         tokio::time::advance(Duration::from_secs(6)).await;
         let got = e.refresh_now(&seen2).await.expect("loaded");
         assert!(Arc::ptr_eq(&got, &seen2));
-        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 2);
+        // AWSCURRENT unchanged: AWSPENDING is read too (none here), so two fetches.
+        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pending_version_stands_in_until_awscurrent_moves() {
+        let src = FakeSource::new("k1");
+        let (_c, slots) =
+            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let e = slots[0].entry.clone();
+        e.refresh().await.expect("first");
+        let seen = e.current().expect("k1");
+        // No rotation in progress: a 401 fetches AWSCURRENT and AWSPENDING, finds nothing newer.
+        let got = e.refresh_now(&seen).await.expect("loaded");
+        assert!(Arc::ptr_eq(&got, &seen));
+        // createSecret done (API revoked k1 on issue), finishSecret not yet.
+        *src.pending.lock().expect("lock") = Some(("k2".into(), "v2".into()));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let got = e.refresh_now(&seen).await.expect("loaded");
+        assert_eq!(header(&got, 0), "Bearer k2");
+        assert!(got.pending.is_some());
+        // Background refresh while AWSCURRENT is still the refused v1: k2 stays.
+        e.refresh().await.expect("refresh");
+        assert_eq!(header(&e.current().expect("l"), 0), "Bearer k2");
+        // finishSecret: AWSCURRENT moves to v2; the entry becomes a plain current one.
+        src.set("k2", "v2");
+        e.refresh().await.expect("refresh");
+        let l = e.current().expect("l");
+        assert_eq!(header(&l, 0), "Bearer k2");
+        assert!(l.pending.is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -41,6 +41,7 @@ const ROUTE_ENV: &[&str] = &[
     "KEYPROXY_PATH_PREFIX",
     "KEYPROXY_REFRESH_INTERVAL",
     "KEYPROXY_REFRESH_COOLDOWN",
+    "KEYPROXY_PENDING_FALLBACK",
     "KEYPROXY_RETRY_ON_401",
     "KEYPROXY_MAX_REPLAY_BODY",
     "KEYPROXY_TIMEOUT",
@@ -139,6 +140,9 @@ pub struct RouteConfig {
     pub refresh_interval: Duration,
     /// Minimum time between two forced (401-triggered) refreshes of the secret.
     pub refresh_cooldown: Duration,
+    /// On a 401 that a fresh `AWSCURRENT` cannot fix, try the `AWSPENDING` version (a rotation
+    /// between createSecret and finishSecret, with an API that revoked the old key on issue).
+    pub pending_fallback: bool,
     /// Refresh and replay once when the upstream answers 401.
     pub retry_on_401: bool,
     /// Request bodies up to this size are kept for a replay; larger ones stream, never replayed.
@@ -264,6 +268,7 @@ struct RawRoute {
     version_stage: Option<String>,
     refresh_interval: Option<String>,
     refresh_cooldown: Option<String>,
+    pending_fallback: Option<bool>,
     header: Option<String>,
     value: Option<String>,
     query_param: Option<String>,
@@ -405,6 +410,7 @@ impl Config {
                 }
             };
             let retry_on_401 = bool_of("KEYPROXY_RETRY_ON_401");
+            let pending_fallback = bool_of("KEYPROXY_PENDING_FALLBACK");
             raw.routes = Some(vec![RawRoute {
                 name: Some(get("KEYPROXY_ROUTE_NAME").unwrap_or_else(|| "default".into())),
                 path_prefix: get("KEYPROXY_PATH_PREFIX").or_else(|| {
@@ -421,6 +427,7 @@ impl Config {
                 version_stage: get("KEYPROXY_VERSION_STAGE"),
                 refresh_interval: get("KEYPROXY_REFRESH_INTERVAL"),
                 refresh_cooldown: get("KEYPROXY_REFRESH_COOLDOWN"),
+                pending_fallback,
                 header: get("KEYPROXY_HEADER"),
                 value: get("KEYPROXY_VALUE"),
                 query_param: get("KEYPROXY_QUERY_PARAM"),
@@ -1020,6 +1027,7 @@ fn validate_route(
         injection: injection?,
         refresh_interval,
         refresh_cooldown,
+        pending_fallback: r.pending_fallback.unwrap_or(true),
         retry_on_401: r.retry_on_401.unwrap_or(true),
         max_replay_body,
         timeout,
