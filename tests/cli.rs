@@ -9,7 +9,8 @@ use common::*;
 fn keyproxy(args: &[&str], config: Option<&str>, env: &[(&str, &str)]) -> (i32, String, String) {
     let dir = scratch("cli");
     let mut cmd = Command::new(binary());
-    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     cmd.args(args);
     if let Some(text) = config {
         let p = dir.join("k.toml");
@@ -50,13 +51,19 @@ fn each_config_error_exits_64_naming_the_key() {
         ("[source]\ntype = \"file\"\n", "source.path"),
         ("[aws]\nendpoint_url = \"::\"\n", "aws.endpoint_url"),
         ("[aws]\nregoin = \"x\"\n", "aws.regoin"),
-        ("[app_auth]\ntoken_env = \"NOPE_NOT_SET\"\n", "app_auth.token_env"),
+        (
+            "[app_auth]\ntoken_env = \"NOPE_NOT_SET\"\n",
+            "app_auth.token_env",
+        ),
     ];
     for (extra, key) in cases {
         for mode in [&["check"][..], &[][..]] {
             let (code, _, err) = keyproxy(mode, Some(&format!("{extra}{ROUTE}")), &[]);
             assert_eq!(code, 64, "{extra:?} ({mode:?}): {err}");
-            assert!(err.contains(&format!("{key}:")), "{extra:?}: error does not name {key}: {err}");
+            assert!(
+                err.contains(&format!("{key}:")),
+                "{extra:?}: error does not name {key}: {err}"
+            );
         }
     }
     let route_cases: &[(&str, &str)] = &[
@@ -68,20 +75,37 @@ fn each_config_error_exits_64_naming_the_key() {
         ("timeout = \"-1s\"", "route[0].timeout"),
         ("version_stage = \"\"", "route[0].version_stage"),
         ("secret_feild = \"token\"", "route[0].secret_feild"),
-        ("query_param = \"k\"\nheader = \"X\"", "route[0].query_param"),
+        (
+            "query_param = \"k\"\nheader = \"X\"",
+            "route[0].query_param",
+        ),
     ];
     for (extra, key) in route_cases {
         let (code, _, err) = keyproxy(&["check"], Some(&format!("{ROUTE}{extra}\n")), &[]);
         assert_eq!(code, 64, "{extra:?}: {err}");
-        assert!(err.contains(&format!("{key}:")), "{extra:?}: error does not name {key}: {err}");
+        assert!(
+            err.contains(&format!("{key}:")),
+            "{extra:?}: error does not name {key}: {err}"
+        );
     }
-    let (code, _, err) = keyproxy(&["check"], Some(&ROUTE.replace("https://api.example.com", "ftp://x")), &[]);
+    let (code, _, err) = keyproxy(
+        &["check"],
+        Some(&ROUTE.replace("https://api.example.com", "ftp://x")),
+        &[],
+    );
     assert_eq!(code, 64);
     assert!(err.contains("route[0].upstream:"), "{err}");
     // Every problem at once, with the file named.
-    let (code, _, err) = keyproxy(&["check"], Some(&format!("listen = \"x\"\n{ROUTE}timeout = \"x\"\n")), &[]);
+    let (code, _, err) = keyproxy(
+        &["check"],
+        Some(&format!("listen = \"x\"\n{ROUTE}timeout = \"x\"\n")),
+        &[],
+    );
     assert_eq!(code, 64);
-    assert!(err.contains("2 problems") && err.contains("k.toml"), "{err}");
+    assert!(
+        err.contains("2 problems") && err.contains("k.toml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -89,10 +113,17 @@ fn env_config_errors_name_the_variable() {
     let (code, _, err) = keyproxy(
         &["check"],
         None,
-        &[("KEYPROXY_UPSTREAM", "nope"), ("KEYPROXY_SECRET_ID", "s"), ("KEYPROXY_REFRESH_INTERVAL", "x")],
+        &[
+            ("KEYPROXY_UPSTREAM", "nope"),
+            ("KEYPROXY_SECRET_ID", "s"),
+            ("KEYPROXY_REFRESH_INTERVAL", "x"),
+        ],
     );
     assert_eq!(code, 64);
-    assert!(err.contains("KEYPROXY_UPSTREAM:") && err.contains("KEYPROXY_REFRESH_INTERVAL:"), "{err}");
+    assert!(
+        err.contains("KEYPROXY_UPSTREAM:") && err.contains("KEYPROXY_REFRESH_INTERVAL:"),
+        "{err}"
+    );
     let (code, _, err) = keyproxy(&[], None, &[]);
     assert_eq!(code, 64, "no config at all: {err}");
     assert!(err.contains("KEYPROXY_UPSTREAM"), "{err}");
@@ -101,7 +132,11 @@ fn env_config_errors_name_the_variable() {
 #[test]
 fn health_fails_when_nothing_listens() {
     let port = free_port();
-    let (code, _, err) = keyproxy(&["health", "--admin", &format!("127.0.0.1:{port}")], None, &[]);
+    let (code, _, err) = keyproxy(
+        &["health", "--admin", &format!("127.0.0.1:{port}")],
+        None,
+        &[],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("/healthz"), "{err}");
 }

@@ -19,10 +19,21 @@ fn route(name: &str, prefix: &str, upstream: &str, secret: &str, extra: &str) ->
 async fn injects_header_from_json_field_replacing_the_apps_own() {
     let moto = Moto::start();
     let sm = moto.client();
-    create_secret(&sm, "prod/payments/api", r#"{"token":"sk_live_first","master_secret_id":"m"}"#).await;
+    create_secret(
+        &sm,
+        "prod/payments/api",
+        r#"{"token":"sk_live_first","master_secret_id":"m"}"#,
+    )
+    .await;
     let up = Upstream::echo().await;
     let kp = KeyProxy::start(
-        &route("payments", "/payments", &format!("{}/v1", up.url()), "prod/payments/api", "secret_field = \"token\""),
+        &route(
+            "payments",
+            "/payments",
+            &format!("{}/v1", up.url()),
+            "prod/payments/api",
+            "secret_field = \"token\"",
+        ),
         &aws_env(&moto),
     );
     kp.wait_ready(Duration::from_secs(20)).await;
@@ -30,7 +41,12 @@ async fn injects_header_from_json_field_replacing_the_apps_own() {
     let r = http::send(
         "GET",
         &kp.url("/payments/charges?limit=3"),
-        &[("authorization", "Bearer app-own-key"), ("x-app", "1"), ("connection", "keep-alive, x-hop"), ("x-hop", "h")],
+        &[
+            ("authorization", "Bearer app-own-key"),
+            ("x-app", "1"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "h"),
+        ],
         "",
     )
     .await
@@ -42,8 +58,16 @@ async fn injects_header_from_json_field_replacing_the_apps_own() {
     assert_eq!(seen.header("authorization"), Some("Bearer sk_live_first"));
     assert_eq!(seen.header("host"), Some(up.addr.to_string().as_str()));
     assert_eq!(seen.header("x-app"), Some("1"));
-    assert_eq!(seen.header("x-hop"), None, "headers named by Connection are hop-by-hop");
-    assert!(kp.counter("keyproxy_keys_injected_total", &["payments"]).await >= 1.0);
+    assert_eq!(
+        seen.header("x-hop"),
+        None,
+        "headers named by Connection are hop-by-hop"
+    );
+    assert!(
+        kp.counter("keyproxy_keys_injected_total", &["payments"])
+            .await
+            >= 1.0
+    );
     kp.assert_no_leak(&["sk_live_first"]);
 }
 
@@ -55,17 +79,28 @@ async fn injects_query_param_and_custom_header_template() {
     create_secret(&sm, "mail", "mailkey").await;
     let up = Upstream::echo().await;
     let config = route("maps", "/maps", &up.url(), "maps", "query_param = \"key\"")
-        + &route("mail", "/mail", &up.url(), "mail", "header = \"X-Api-Key\"\nvalue = \"Token {secret}\"");
+        + &route(
+            "mail",
+            "/mail",
+            &up.url(),
+            "mail",
+            "header = \"X-Api-Key\"\nvalue = \"Token {secret}\"",
+        );
     let kp = KeyProxy::start(&config, &aws_env(&moto));
     kp.wait_ready(Duration::from_secs(20)).await;
 
-    let r = http::get(&kp.url("/maps/geocode?q=paris&key=app-own")).await.expect("maps");
+    let r = http::get(&kp.url("/maps/geocode?q=paris&key=app-own"))
+        .await
+        .expect("maps");
     assert_eq!(r.status, 200);
     let r = http::get(&kp.url("/mail/send")).await.expect("mail");
     assert_eq!(r.status, 200);
     let seen = up.seen();
     assert_eq!(seen[0].path, "/geocode");
-    assert_eq!(seen[0].query.as_deref(), Some("q=paris&key=mapkey%2B%2F%3D1"));
+    assert_eq!(
+        seen[0].query.as_deref(),
+        Some("q=paris&key=mapkey%2B%2F%3D1")
+    );
     assert_eq!(seen[1].header("x-api-key"), Some("Token mailkey"));
     assert_eq!(seen[1].header("authorization"), None);
     // The access log carries the path only, never the query with the key.
@@ -81,7 +116,13 @@ async fn rotation_with_revoked_old_key_is_absorbed_by_one_replay() {
     let valid = Arc::new(Mutex::new(vec!["key-1".to_string()]));
     let up = Upstream::keyed(valid.clone()).await;
     let kp = KeyProxy::start(
-        &route("api", "/api", &up.url(), "api", "secret_field = \"token\"\nrefresh_interval = \"1h\""),
+        &route(
+            "api",
+            "/api",
+            &up.url(),
+            "api",
+            "secret_field = \"token\"\nrefresh_interval = \"1h\"",
+        ),
         &aws_env(&moto),
     );
     kp.wait_ready(Duration::from_secs(20)).await;
@@ -93,19 +134,35 @@ async fn rotation_with_revoked_old_key_is_absorbed_by_one_replay() {
     *valid.lock().expect("valid") = vec!["key-2".to_string()];
 
     let body = r#"{"amount": 42, "currency": "eur"}"#;
-    let r = http::send("POST", &kp.url("/api/charges"), &[("content-type", "application/json")], body)
-        .await
-        .expect("post");
+    let r = http::send(
+        "POST",
+        &kp.url("/api/charges"),
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await
+    .expect("post");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["body"], body, "the replayed body arrived intact");
     let seen = up.seen();
-    let tail: Vec<_> = seen[1..].iter().map(|s| (s.header("authorization").map(str::to_owned), s.body.clone())).collect();
+    let tail: Vec<_> = seen[1..]
+        .iter()
+        .map(|s| (s.header("authorization").map(str::to_owned), s.body.clone()))
+        .collect();
     assert_eq!(tail.len(), 2, "one 401 and one replay");
     assert_eq!(tail[0].0.as_deref(), Some("Bearer key-1"));
     assert_eq!(tail[1].0.as_deref(), Some("Bearer key-2"));
     assert_eq!(tail[1].1, body.as_bytes());
-    assert_eq!(kp.fetches().await - fetches_before, 1.0, "one GetSecretValue for the 401");
-    assert_eq!(kp.counter("keyproxy_replays_succeeded_total", &["api"]).await, 1.0);
+    assert_eq!(
+        kp.fetches().await - fetches_before,
+        1.0,
+        "one GetSecretValue for the 401"
+    );
+    assert_eq!(
+        kp.counter("keyproxy_replays_succeeded_total", &["api"])
+            .await,
+        1.0
+    );
     // Later requests use the new key at once.
     assert_eq!(http::get(&kp.url("/api/b")).await.expect("b").status, 200);
     assert_eq!(up.seen().len(), 4);
@@ -120,7 +177,13 @@ async fn body_above_the_cap_is_streamed_and_not_replayed() {
     let valid = Arc::new(Mutex::new(vec!["key-1".to_string()]));
     let up = Upstream::keyed(valid.clone()).await;
     let kp = KeyProxy::start(
-        &route("api", "/api", &up.url(), "api", "max_replay_body = \"1KiB\"\nrefresh_interval = \"1h\""),
+        &route(
+            "api",
+            "/api",
+            &up.url(),
+            "api",
+            "max_replay_body = \"1KiB\"\nrefresh_interval = \"1h\"",
+        ),
         &aws_env(&moto),
     );
     kp.wait_ready(Duration::from_secs(20)).await;
@@ -128,11 +191,20 @@ async fn body_above_the_cap_is_streamed_and_not_replayed() {
     *valid.lock().expect("valid") = vec!["key-2".to_string()];
 
     let big = "x".repeat(4096);
-    let r = http::send("POST", &kp.url("/api/upload"), &[], big.clone()).await.expect("post");
+    let r = http::send("POST", &kp.url("/api/upload"), &[], big.clone())
+        .await
+        .expect("post");
     assert_eq!(r.status, 401, "not replayed: the API's 401 passes through");
-    assert!(r.headers.get("x-keyproxy-error").is_none(), "the API's own 401");
+    assert!(
+        r.headers.get("x-keyproxy-error").is_none(),
+        "the API's own 401"
+    );
     assert_eq!(up.seen().len(), 1);
-    assert_eq!(up.seen()[0].body.len(), 4096, "the large body was streamed whole");
+    assert_eq!(
+        up.seen()[0].body.len(),
+        4096,
+        "the large body was streamed whole"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +235,10 @@ async fn many_concurrent_401s_cause_one_fetch() {
     create_secret(&sm, "api", "key-1").await;
     let valid = Arc::new(Mutex::new(vec!["key-1".to_string()]));
     let up = Upstream::keyed(valid.clone()).await;
-    let kp = KeyProxy::start(&route("api", "/api", &up.url(), "api", "refresh_interval = \"1h\""), &aws_env(&moto));
+    let kp = KeyProxy::start(
+        &route("api", "/api", &up.url(), "api", "refresh_interval = \"1h\""),
+        &aws_env(&moto),
+    );
     kp.wait_ready(Duration::from_secs(20)).await;
     put_current(&sm, "api", "key-2").await;
     *valid.lock().expect("valid") = vec!["key-2".to_string()];
@@ -173,7 +248,9 @@ async fn many_concurrent_401s_cause_one_fetch() {
     let mut tasks = Vec::new();
     for i in 0..100 {
         let (c, url) = (client.clone(), kp.url(&format!("/api/{i}")));
-        tasks.push(tokio::spawn(async move { http::send_with(&c, "GET", &url, &[], "").await }));
+        tasks.push(tokio::spawn(async move {
+            http::send_with(&c, "GET", &url, &[], "").await
+        }));
     }
     let mut ok = 0;
     for t in tasks {
@@ -182,7 +259,11 @@ async fn many_concurrent_401s_cause_one_fetch() {
         }
     }
     assert_eq!(ok, 100);
-    assert_eq!(kp.fetches().await - before, 1.0, "one GetSecretValue for 100 concurrent 401s");
+    assert_eq!(
+        kp.fetches().await - before,
+        1.0,
+        "one GetSecretValue for 100 concurrent 401s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,14 +274,21 @@ async fn server_sent_events_arrive_incrementally() {
         status: 200,
         headers: vec![("content-type".into(), "text/event-stream".into())],
         chunks: (0..4)
-            .map(|i| (Duration::from_millis(if i == 0 { 0 } else { 400 }), format!("data: event {i}\n\n").into()))
+            .map(|i| {
+                (
+                    Duration::from_millis(if i == 0 { 0 } else { 400 }),
+                    format!("data: event {i}\n\n").into(),
+                )
+            })
             .collect(),
     })
     .await;
     let kp = KeyProxy::start(&route("api", "/api", &up.url(), "api", ""), &aws_env(&moto));
     kp.wait_ready(Duration::from_secs(20)).await;
 
-    let req = hyper::Request::get(kp.url("/api/stream")).body(http_body_util::Full::new(bytes::Bytes::new())).expect("req");
+    let req = hyper::Request::get(kp.url("/api/stream"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("req");
     let start = Instant::now();
     let resp = http::client().request(req).await.expect("response");
     assert_eq!(resp.status(), 200);
@@ -212,9 +300,15 @@ async fn server_sent_events_arrive_incrementally() {
         }
     }
     let text: String = arrivals.iter().map(|a| a.1.as_str()).collect();
-    assert_eq!(text, "data: event 0\n\ndata: event 1\n\ndata: event 2\n\ndata: event 3\n\n");
+    assert_eq!(
+        text,
+        "data: event 0\n\ndata: event 1\n\ndata: event 2\n\ndata: event 3\n\n"
+    );
     assert!(arrivals.len() >= 4, "chunks were merged: {arrivals:?}");
-    assert!(arrivals[0].0 < Duration::from_millis(350), "first event held back: {arrivals:?}");
+    assert!(
+        arrivals[0].0 < Duration::from_millis(350),
+        "first event held back: {arrivals:?}"
+    );
     assert!(arrivals[arrivals.len() - 1].0 >= Duration::from_millis(1100));
 }
 
@@ -224,7 +318,10 @@ async fn unmatched_requests_get_404_and_nothing_is_forwarded() {
     create_secret(&moto.client(), "api", "key-1").await;
     let up = Upstream::echo().await;
     let kp = KeyProxy::start(
-        &(route("api", "/api", &up.url(), "api", "") + "[[route]]\nname = \"fwd\"\nhost = \"api.example.test\"\nupstream = \"" + &up.url() + "\"\nsecret_id = \"api\"\n"),
+        &(route("api", "/api", &up.url(), "api", "")
+            + "[[route]]\nname = \"fwd\"\nhost = \"api.example.test\"\nupstream = \""
+            + &up.url()
+            + "\"\nsecret_id = \"api\"\n"),
         &aws_env(&moto),
     );
     kp.wait_ready(Duration::from_secs(20)).await;
@@ -235,10 +332,18 @@ async fn unmatched_requests_get_404_and_nothing_is_forwarded() {
         assert_eq!(r.json()["error"], "no_route");
     }
     // Forward mode: absolute-form to a host with no route.
-    let r = raw(kp.addr, "GET http://evil.example.test/steal HTTP/1.1\r\nHost: evil.example.test\r\n\r\n").await;
+    let r = raw(
+        kp.addr,
+        "GET http://evil.example.test/steal HTTP/1.1\r\nHost: evil.example.test\r\n\r\n",
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     // CONNECT is refused.
-    let r = raw(kp.addr, "CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\n\r\n").await;
+    let r = raw(
+        kp.addr,
+        "CONNECT api.example.test:443 HTTP/1.1\r\nHost: api.example.test:443\r\n\r\n",
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 405"), "{r}");
     assert!(r.contains("connect_not_supported"));
     // Path escapes.
@@ -249,7 +354,11 @@ async fn unmatched_requests_get_404_and_nothing_is_forwarded() {
     assert!(up.seen().is_empty(), "nothing forwarded: {:?}", up.seen());
 
     // Forward mode to the configured host works, path kept, key injected.
-    let r = raw(kp.addr, "GET http://api.example.test/v2/ping?a=1 HTTP/1.1\r\nHost: api.example.test\r\n\r\n").await;
+    let r = raw(
+        kp.addr,
+        "GET http://api.example.test/v2/ping?a=1 HTTP/1.1\r\nHost: api.example.test\r\n\r\n",
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     let seen = &up.seen()[0];
     assert_eq!(seen.path, "/v2/ping");
@@ -284,19 +393,33 @@ async fn secrets_manager_down_at_start_then_ready_when_it_returns() {
     // Wait for the first failed attempt to be reported.
     let deadline = Instant::now() + Duration::from_secs(10);
     let r = loop {
-        let r = http::get(&format!("http://{}/readyz", kp.admin)).await.expect("readyz");
+        let r = http::get(&format!("http://{}/readyz", kp.admin))
+            .await
+            .expect("readyz");
         assert_eq!(r.status, 503);
         if !r.json()["secrets"][0]["error"].is_null() || Instant::now() > deadline {
             break r;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(r.json()["secrets"][0]["error_kind"], "unreachable", "{}", r.text());
+    assert_eq!(
+        r.json()["secrets"][0]["error_kind"],
+        "unreachable",
+        "{}",
+        r.text()
+    );
     assert_eq!(r.json()["waiting"][0], "api");
     let r = http::get(&kp.url("/api/x")).await.expect("get");
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["x-keyproxy-error"], "no_key");
-    assert!(r.json()["message"].as_str().expect("message").contains("unreachable"), "{}", r.text());
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .expect("message")
+            .contains("unreachable"),
+        "{}",
+        r.text()
+    );
     assert!(up.seen().is_empty());
 
     let moto = Moto::start_on(port);
@@ -347,7 +470,13 @@ async fn file_source_picks_up_edits() {
         &format!(
             "[source]\ntype = \"file\"\npath = \"{}\"\n{}",
             secrets.display(),
-            route("api", "/api", &up.url(), "dev/api", "secret_field = \"token\"")
+            route(
+                "api",
+                "/api",
+                &up.url(),
+                "dev/api",
+                "secret_field = \"token\""
+            )
         ),
         &[],
     );
@@ -357,7 +486,13 @@ async fn file_source_picks_up_edits() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         http::get(&kp.url("/api/b")).await.expect("b");
-        if up.seen().last().and_then(|s| s.header("authorization").map(str::to_owned)).as_deref() == Some("Bearer file-key-2") {
+        if up
+            .seen()
+            .last()
+            .and_then(|s| s.header("authorization").map(str::to_owned))
+            .as_deref()
+            == Some("Bearer file-key-2")
+        {
             break;
         }
         assert!(Instant::now() < deadline, "edit not picked up");
@@ -367,10 +502,18 @@ async fn file_source_picks_up_edits() {
     std::fs::write(&secrets, "{\"dev/api\": {\"token\": \"bad\\r\\nkey\"}}").expect("write");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     http::get(&kp.url("/api/c")).await.expect("c");
-    assert_eq!(up.seen().last().and_then(|s| s.header("authorization")), Some("Bearer file-key-2"));
-    let r = http::get(&format!("http://{}/readyz", kp.admin)).await.expect("readyz");
+    assert_eq!(
+        up.seen().last().and_then(|s| s.header("authorization")),
+        Some("Bearer file-key-2")
+    );
+    let r = http::get(&format!("http://{}/readyz", kp.admin))
+        .await
+        .expect("readyz");
     assert_eq!(r.status, 200, "a stale key is still a key");
     assert_eq!(r.json()["secrets"][0]["stale"], true);
-    assert!(r.json()["secrets"][0]["error"].as_str().expect("error").contains("CR or LF"));
+    assert!(r.json()["secrets"][0]["error"]
+        .as_str()
+        .expect("error")
+        .contains("CR or LF"));
     kp.assert_no_leak(&["file-key-1", "file-key-2", "bad\\r\\nkey"]);
 }

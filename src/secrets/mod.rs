@@ -123,7 +123,10 @@ mod tests {
         let s = Secret::new("sk_live_abc");
         assert_eq!(format!("{s:?}"), "Secret(***)");
         assert_eq!(format!("{s}"), "***");
-        let v = SecretVersion { version_id: None, value: s.clone() };
+        let v = SecretVersion {
+            version_id: None,
+            value: s.clone(),
+        };
         assert!(!format!("{v:?}").contains("sk_live"));
         assert_eq!(s.expose(), "sk_live_abc");
     }

@@ -72,14 +72,19 @@ impl Moto {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin} (run scripts/test, which installs moto[server]): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin} (run scripts/test, which installs moto[server]): {e}")
+            });
         let m = Moto {
             child: Some(child),
             port,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "moto did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         m
@@ -418,21 +423,29 @@ pub struct Upstream {
 impl Upstream {
     /// Starts an API that answers each request with `handler`.
     pub async fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Upstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let handler: Handler = Arc::new(handler);
         let log = seen.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (handler, log) = (handler.clone(), log.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (handler, log) = (handler.clone(), log.clone());
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             let seen = Seen {
                                 method: parts.method.to_string(),
                                 path: parts.uri.path().to_owned(),
@@ -440,13 +453,20 @@ impl Upstream {
                                 headers: parts
                                     .headers
                                     .iter()
-                                    .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                                    .map(|(k, v)| {
+                                        (
+                                            k.to_string(),
+                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                        )
+                                    })
                                     .collect(),
                                 body,
                             };
                             let reply = handler(&seen);
                             log.lock().expect("seen").push(seen);
-                            let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(4);
+                            let (tx, rx) = tokio::sync::mpsc::channel::<
+                                Result<hyper::body::Frame<Bytes>, Infallible>,
+                            >(4);
                             tokio::spawn(async move {
                                 for (delay, chunk) in reply.chunks {
                                     tokio::time::sleep(delay).await;
@@ -457,10 +477,12 @@ impl Upstream {
                             });
                             let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
                             let mut resp = Response::new(body);
-                            *resp.status_mut() = hyper::StatusCode::from_u16(reply.status).expect("status");
+                            *resp.status_mut() =
+                                hyper::StatusCode::from_u16(reply.status).expect("status");
                             for (k, v) in reply.headers {
                                 resp.headers_mut().insert(
-                                    hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                                    hyper::header::HeaderName::from_bytes(k.as_bytes())
+                                        .expect("name"),
                                     v.parse().expect("value"),
                                 );
                             }
@@ -498,7 +520,10 @@ impl Upstream {
                 .and_then(|h| h.strip_prefix("Bearer "))
                 .is_some_and(|k| valid.lock().expect("valid").iter().any(|v| v == k));
             if ok {
-                Reply::json(200, serde_json::json!({"ok": true, "body": String::from_utf8_lossy(&s.body)}))
+                Reply::json(
+                    200,
+                    serde_json::json!({"ok": true, "body": String::from_utf8_lossy(&s.body)}),
+                )
             } else {
                 Reply::json(401, serde_json::json!({"error": "invalid api key"}))
             }
@@ -546,7 +571,8 @@ pub mod http {
             String::from_utf8_lossy(&self.body).into_owned()
         }
         pub fn json(&self) -> serde_json::Value {
-            serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+            serde_json::from_slice(&self.body)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
         }
     }
 
@@ -595,7 +621,11 @@ pub mod http {
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok(Resp { status, headers, body })
+        Ok(Resp {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// GET.
