@@ -2,12 +2,23 @@
 //! in memory (small enough to replay after a 401), or both (a prefix read while deciding, then
 //! the rest streamed).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+/// The body error type: the peer's error, or an idle timeout.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body that stalled: no data for longer than the route's `idle_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent no data for {0:?} (idle_timeout); the response was cut off")]
+pub struct IdleTimeout(pub Duration);
 
 /// A body sent upstream, or answered to the app.
 #[derive(Debug)]
@@ -22,6 +33,15 @@ pub enum ProxyBody {
         prefix: Option<Bytes>,
         /// The rest.
         rest: Incoming,
+    },
+    /// Streamed from the upstream, cut off when no frame arrives for `idle`.
+    Idle {
+        /// The upstream's body.
+        body: Incoming,
+        /// The longest allowed gap between two frames.
+        idle: Duration,
+        /// Fires `idle` after the last frame.
+        timer: Pin<Box<Sleep>>,
     },
 }
 
@@ -40,6 +60,15 @@ impl ProxyBody {
         }
     }
 
+    /// Streams `body`, failing if it stalls for longer than `idle`.
+    pub fn idle(body: Incoming, idle: Duration) -> ProxyBody {
+        ProxyBody::Idle {
+            body,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
     /// An empty body.
     pub fn empty() -> ProxyBody {
         ProxyBody::Full(None)
@@ -48,18 +77,28 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx),
+            ProxyBody::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
             ProxyBody::Prefixed { prefix, rest } => match prefix.take() {
                 Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
-                None => Pin::new(rest).poll_frame(cx),
+                None => Pin::new(rest).poll_frame(cx).map_err(Into::into),
+            },
+            ProxyBody::Idle { body, idle, timer } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    timer.as_mut().reset(Instant::now() + *idle);
+                    Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                }
+                Poll::Pending => match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout(*idle))))),
+                    Poll::Pending => Poll::Pending,
+                },
             },
         }
     }
@@ -69,13 +108,14 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Stream(s) => s.is_end_stream(),
             ProxyBody::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            ProxyBody::Idle { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ProxyBody::Stream(s) => s.size_hint(),
+            ProxyBody::Stream(s) | ProxyBody::Idle { body: s, .. } => s.size_hint(),
             ProxyBody::Prefixed { prefix, rest } => {
                 let p = prefix.as_ref().map_or(0, |b| b.len() as u64);
                 let r = rest.size_hint();

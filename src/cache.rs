@@ -645,6 +645,7 @@ mod tests {
             retry_on_401: true,
             max_replay_body: 1024,
             timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
         }
     }
 

@@ -45,6 +45,7 @@ const ROUTE_ENV: &[&str] = &[
     "KEYPROXY_RETRY_ON_401",
     "KEYPROXY_MAX_REPLAY_BODY",
     "KEYPROXY_TIMEOUT",
+    "KEYPROXY_IDLE_TIMEOUT",
     "KEYPROXY_SOURCE",
     "KEYPROXY_SECRETS_FILE",
 ];
@@ -149,6 +150,8 @@ pub struct RouteConfig {
     pub max_replay_body: u64,
     /// Time allowed for the upstream's response headers.
     pub timeout: Duration,
+    /// Longest gap allowed between two chunks of the upstream's response body.
+    pub idle_timeout: Duration,
 }
 
 /// A parsed upstream base URL.
@@ -275,6 +278,7 @@ struct RawRoute {
     retry_on_401: Option<bool>,
     max_replay_body: Option<SizeValue>,
     timeout: Option<String>,
+    idle_timeout: Option<String>,
 }
 
 /// Names keys the way the user wrote them: TOML paths, or environment variable names.
@@ -434,6 +438,7 @@ impl Config {
                 retry_on_401,
                 max_replay_body: get("KEYPROXY_MAX_REPLAY_BODY").map(SizeValue::Text),
                 timeout: get("KEYPROXY_TIMEOUT"),
+                idle_timeout: get("KEYPROXY_IDLE_TIMEOUT"),
             }]);
         }
         if get("KEYPROXY_SOURCE").is_some() || get("KEYPROXY_SECRETS_FILE").is_some() {
@@ -993,6 +998,13 @@ fn validate_route(
         Duration::from_secs(30),
         Duration::from_millis(1),
     );
+    let idle_timeout = duration(
+        problems,
+        k("idle_timeout"),
+        r.idle_timeout.as_deref(),
+        Duration::from_secs(120),
+        Duration::from_millis(1),
+    );
     let max_replay_body = match r.max_replay_body {
         None => 256 * 1024,
         Some(SizeValue::Bytes(n)) => n,
@@ -1031,6 +1043,7 @@ fn validate_route(
         retry_on_401: r.retry_on_401.unwrap_or(true),
         max_replay_body,
         timeout,
+        idle_timeout,
     })
 }
 

@@ -143,6 +143,13 @@ impl Proxy {
         })?;
 
         // 3. The upstream request.
+        if req.headers().contains_key(header::CONTENT_LENGTH)
+            && req.headers().contains_key(header::TRANSFER_ENCODING)
+        {
+            return Err(ProxyError::BadRequest(
+                "both Content-Length and Transfer-Encoding: refused (request smuggling)".into(),
+            ));
+        }
         let (mut parts, body) = req.into_parts();
         let query = parts.uri.query();
         let rest = &parts.uri.path()[strip..];
@@ -188,6 +195,10 @@ impl Proxy {
                 replay: None,
             }
         };
+        if matches!(prepared.body, ReqBody::Full(_)) {
+            // The body is in memory: its exact length is sent, whatever the app declared.
+            headers.remove(header::CONTENT_LENGTH);
+        }
         let replay_headers = prepared.replay.as_ref().map(|_| headers.clone());
 
         let cred = route
@@ -224,12 +235,12 @@ impl Proxy {
                         if resp.status() != StatusCode::UNAUTHORIZED {
                             route.metrics.replays_succeeded.inc();
                         }
-                        return Ok(respond(resp));
+                        return Ok(respond(resp, route.config.idle_timeout));
                     }
                 }
             }
         }
-        Ok(respond(resp))
+        Ok(respond(resp, route.config.idle_timeout))
     }
 
     /// The route for a request, and how many leading bytes of the path its prefix takes.
@@ -327,10 +338,10 @@ impl Proxy {
 }
 
 /// The upstream's response, relayed: hop-by-hop headers dropped, body streamed.
-fn respond(resp: Response<Incoming>) -> Response<RespBody> {
+fn respond(resp: Response<Incoming>, idle: std::time::Duration) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, RespBody::Stream(body))
+    Response::from_parts(parts, RespBody::idle(body, idle))
 }
 
 /// A client error with its causes (connection refused, TLS failure, ...); carries no headers.

@@ -334,11 +334,21 @@ impl KeyProxy {
         }
     }
 
+    /// Sends a signal (`TERM`, `INT`, ...) without waiting.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status();
+    }
+
     /// Sends SIGTERM and waits for the exit status (up to `within`).
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.signal("TERM");
+        self.wait_exit(within)
+    }
+
+    /// Waits for the process to exit (up to `within`).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
