@@ -127,8 +127,9 @@ impl std::fmt::Debug for Entry {
     }
 }
 
-/// Why a fetched value was refused.
-fn extract(value: &Secret, field: Option<&str>) -> Result<Secret, String> {
+/// The key inside a secret's text: the JSON `field` of it, or the whole text. The error says
+/// why the value cannot be used, never what it is.
+pub fn extract(value: &Secret, field: Option<&str>) -> Result<Secret, String> {
     let Some(field) = field else {
         return Ok(value.clone());
     };
