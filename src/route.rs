@@ -90,6 +90,12 @@ pub fn check_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err("the path must start with '/'".into());
     }
+    // Fast path: nothing encoded, no backslash, no segment made of dots.
+    if !path.bytes().any(|b| b == b'%' || b == b'\\')
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
+    {
+        return Ok(());
+    }
     let decoded = percent_decode_str(path).collect::<Vec<u8>>();
     // Decode twice: some servers decode again.
     let twice = percent_decode_str(&String::from_utf8_lossy(&decoded)).collect::<Vec<u8>>();

@@ -140,3 +140,42 @@ fn health_fails_when_nothing_listens() {
     assert_eq!(code, 1);
     assert!(err.contains("/healthz"), "{err}");
 }
+
+#[test]
+fn deploy_files_carry_valid_keyproxy_configs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    // Kubernetes: the TOML inside the ConfigMap.
+    let cm = std::fs::read_to_string(format!("{root}/deploy/kubernetes/configmap.yaml")).expect("configmap");
+    let toml: String = cm
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("config.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.strip_prefix("    ").unwrap_or(l).to_owned() + "\n")
+        .collect();
+    assert!(toml.contains("[[route]]"), "no TOML found in the ConfigMap");
+    let (code, out, err) = keyproxy(&["check"], Some(&toml), &[]);
+    assert_eq!(code, 0, "ConfigMap config: {out}{err}");
+
+    // ECS: the keyproxy container's environment.
+    let td: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/deploy/ecs/task-definition.json")).expect("task definition"),
+    )
+    .expect("json");
+    let container = td["containerDefinitions"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == "keyproxy")
+        .expect("keyproxy container");
+    let env: Vec<(String, String)> = container["environment"]
+        .as_array()
+        .expect("environment")
+        .iter()
+        .map(|e| (e["name"].as_str().expect("name").to_owned(), e["value"].as_str().expect("value").to_owned()))
+        .collect();
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (code, out, err) = keyproxy(&["check"], None, &env_refs);
+    assert_eq!(code, 0, "task definition env: {out}{err}");
+    assert!(out.contains("1 route"), "{out}");
+}
