@@ -117,6 +117,21 @@ impl ProxyError {
     }
 }
 
+/// `head`, then each error in the chain from `first` on, joined by `: ` (repeats skipped).
+pub fn with_causes(head: String, first: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut out = head;
+    let mut cur = first;
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

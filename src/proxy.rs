@@ -346,19 +346,10 @@ fn respond(resp: Response<Incoming>, idle: std::time::Duration) -> Response<Resp
 
 /// A client error with its causes (connection refused, TLS failure, ...); carries no headers.
 fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    let mut out = if e.is_connect() {
-        "cannot connect".to_string()
+    let head = if e.is_connect() {
+        "cannot connect"
     } else {
-        "the connection failed".to_string()
+        "the connection failed"
     };
-    let mut cur = std::error::Error::source(e);
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
+    crate::error::with_causes(head.to_owned(), std::error::Error::source(e))
 }

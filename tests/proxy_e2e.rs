@@ -15,6 +15,43 @@ fn route(name: &str, prefix: &str, upstream: &str, secret: &str, extra: &str) ->
     )
 }
 
+/// moto with secret `api` = `first`, an API accepting only the keys in `valid` (initially the
+/// key inside `first`), and keyproxy with one route `/api` (plus `extra` route keys).
+async fn keyed_setup(
+    first: &str,
+    key: &str,
+    extra: &str,
+) -> (
+    Moto,
+    aws_sdk_secretsmanager::Client,
+    Arc<Mutex<Vec<String>>>,
+    Upstream,
+    KeyProxy,
+) {
+    let moto = Moto::start();
+    let sm = moto.client();
+    create_secret(&sm, "api", first).await;
+    let valid = Arc::new(Mutex::new(vec![key.to_string()]));
+    let up = Upstream::keyed(valid.clone()).await;
+    let kp = KeyProxy::start(
+        &route("api", "/api", &up.url(), "api", extra),
+        &aws_env(&moto),
+    );
+    kp.wait_ready(Duration::from_secs(20)).await;
+    (moto, sm, valid, up, kp)
+}
+
+/// Rotates `api` in moto to `value`, and makes the API accept only `key`.
+async fn rotate(
+    sm: &aws_sdk_secretsmanager::Client,
+    valid: &Mutex<Vec<String>>,
+    value: &str,
+    key: &str,
+) {
+    put_current(sm, "api", value).await;
+    *valid.lock().expect("valid") = vec![key.to_string()];
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injects_header_from_json_field_replacing_the_apps_own() {
     let moto = Moto::start();
@@ -110,28 +147,17 @@ async fn injects_query_param_and_custom_header_template() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_with_revoked_old_key_is_absorbed_by_one_replay() {
-    let moto = Moto::start();
-    let sm = moto.client();
-    create_secret(&sm, "api", r#"{"token":"key-1"}"#).await;
-    let valid = Arc::new(Mutex::new(vec!["key-1".to_string()]));
-    let up = Upstream::keyed(valid.clone()).await;
-    let kp = KeyProxy::start(
-        &route(
-            "api",
-            "/api",
-            &up.url(),
-            "api",
-            "secret_field = \"token\"\nrefresh_interval = \"1h\"",
-        ),
-        &aws_env(&moto),
-    );
-    kp.wait_ready(Duration::from_secs(20)).await;
+    let (_moto, sm, valid, up, kp) = keyed_setup(
+        r#"{"token":"key-1"}"#,
+        "key-1",
+        "secret_field = \"token\"\nrefresh_interval = \"1h\"",
+    )
+    .await;
     assert_eq!(http::get(&kp.url("/api/a")).await.expect("a").status, 200);
     let fetches_before = kp.fetches().await;
 
     // Rotate: a new AWSCURRENT in Secrets Manager, and the API revokes the old key.
-    put_current(&sm, "api", r#"{"token":"key-2"}"#).await;
-    *valid.lock().expect("valid") = vec!["key-2".to_string()];
+    rotate(&sm, &valid, r#"{"token":"key-2"}"#, "key-2").await;
 
     let body = r#"{"amount": 42, "currency": "eur"}"#;
     let r = http::send(
@@ -171,24 +197,13 @@ async fn rotation_with_revoked_old_key_is_absorbed_by_one_replay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_above_the_cap_is_streamed_and_not_replayed() {
-    let moto = Moto::start();
-    let sm = moto.client();
-    create_secret(&sm, "api", "key-1").await;
-    let valid = Arc::new(Mutex::new(vec!["key-1".to_string()]));
-    let up = Upstream::keyed(valid.clone()).await;
-    let kp = KeyProxy::start(
-        &route(
-            "api",
-            "/api",
-            &up.url(),
-            "api",
-            "max_replay_body = \"1KiB\"\nrefresh_interval = \"1h\"",
-        ),
-        &aws_env(&moto),
-    );
-    kp.wait_ready(Duration::from_secs(20)).await;
-    put_current(&sm, "api", "key-2").await;
-    *valid.lock().expect("valid") = vec!["key-2".to_string()];
+    let (_moto, sm, valid, up, kp) = keyed_setup(
+        "key-1",
+        "key-1",
+        "max_replay_body = \"1KiB\"\nrefresh_interval = \"1h\"",
+    )
+    .await;
+    rotate(&sm, &valid, "key-2", "key-2").await;
 
     let big = "x".repeat(4096);
     let r = http::send("POST", &kp.url("/api/upload"), &[], big.clone())
@@ -230,18 +245,9 @@ async fn always_401_is_passed_through_after_at_most_two_hits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_401s_cause_one_fetch() {
-    let moto = Moto::start();
-    let sm = moto.client();
-    create_secret(&sm, "api", "key-1").await;
-    let valid = Arc::new(Mutex::new(vec!["key-1".to_string()]));
-    let up = Upstream::keyed(valid.clone()).await;
-    let kp = KeyProxy::start(
-        &route("api", "/api", &up.url(), "api", "refresh_interval = \"1h\""),
-        &aws_env(&moto),
-    );
-    kp.wait_ready(Duration::from_secs(20)).await;
-    put_current(&sm, "api", "key-2").await;
-    *valid.lock().expect("valid") = vec!["key-2".to_string()];
+    let (_moto, sm, valid, _up, kp) =
+        keyed_setup("key-1", "key-1", "refresh_interval = \"1h\"").await;
+    rotate(&sm, &valid, "key-2", "key-2").await;
     let before = kp.fetches().await;
 
     let client = http::client();
