@@ -62,6 +62,7 @@ const GLOBAL_ENV: &[&str] = &[
     "KEYPROXY_DRAIN_TIMEOUT",
     "KEYPROXY_MAX_CONNECTIONS",
     "KEYPROXY_CA_BUNDLE",
+    "KEYPROXY_WORKER_THREADS",
 ];
 
 /// The validated configuration.
@@ -89,6 +90,8 @@ pub struct Config {
     pub access_log: bool,
     /// Require a shared token from the app on every request.
     pub app_auth: Option<AppAuth>,
+    /// Runtime worker threads; `None`: one per CPU.
+    pub worker_threads: Option<usize>,
 }
 
 /// The app-side token: when set, every app request must carry it in `header`.
@@ -230,6 +233,7 @@ struct RawFile {
     connect_timeout: Option<String>,
     ca_bundle: Option<String>,
     access_log: Option<bool>,
+    worker_threads: Option<u64>,
     aws: Option<RawAws>,
     source: Option<RawSource>,
     app_auth: Option<RawAppAuth>,
@@ -467,6 +471,15 @@ fn apply_global_env(raw: &mut RawFile, env: &HashMap<String, String>, problems: 
     if let Some(v) = env.get("KEYPROXY_CA_BUNDLE") {
         raw.ca_bundle = Some(v.clone());
     }
+    if let Some(v) = env.get("KEYPROXY_WORKER_THREADS") {
+        match v.parse() {
+            Ok(n) => raw.worker_threads = Some(n),
+            Err(_) => problems.add(
+                "KEYPROXY_WORKER_THREADS".into(),
+                format!("expected a whole number, got {v:?}"),
+            ),
+        }
+    }
     if let Some(v) = env.get("KEYPROXY_MAX_CONNECTIONS") {
         match v.parse() {
             Ok(n) => raw.max_connections = Some(n),
@@ -620,6 +633,18 @@ fn validate(
         }
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         None => 4096,
+    };
+    let worker_threads = match raw.worker_threads {
+        Some(0) => {
+            problems.add(g("worker_threads"), "must be at least 1");
+            None
+        }
+        Some(n) if n > 1024 => {
+            problems.add(g("worker_threads"), "at most 1024");
+            None
+        }
+        Some(n) => usize::try_from(n).ok(),
+        None => None,
     };
     let resolve = |p: &str| -> PathBuf {
         let p = PathBuf::from(p);
@@ -815,6 +840,7 @@ fn validate(
             ca_bundle,
             access_log: raw.access_log.unwrap_or(true),
             app_auth,
+            worker_threads,
         })
     } else {
         Err(ConfigError {

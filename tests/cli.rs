@@ -145,7 +145,8 @@ fn health_fails_when_nothing_listens() {
 fn deploy_files_carry_valid_keyproxy_configs() {
     let root = env!("CARGO_MANIFEST_DIR");
     // Kubernetes: the TOML inside the ConfigMap.
-    let cm = std::fs::read_to_string(format!("{root}/deploy/kubernetes/configmap.yaml")).expect("configmap");
+    let cm = std::fs::read_to_string(format!("{root}/deploy/kubernetes/configmap.yaml"))
+        .expect("configmap");
     let toml: String = cm
         .lines()
         .skip_while(|l| !l.trim_start().starts_with("config.toml: |"))
@@ -159,7 +160,8 @@ fn deploy_files_carry_valid_keyproxy_configs() {
 
     // ECS: the keyproxy container's environment.
     let td: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{root}/deploy/ecs/task-definition.json")).expect("task definition"),
+        &std::fs::read_to_string(format!("{root}/deploy/ecs/task-definition.json"))
+            .expect("task definition"),
     )
     .expect("json");
     let container = td["containerDefinitions"]
@@ -172,7 +174,12 @@ fn deploy_files_carry_valid_keyproxy_configs() {
         .as_array()
         .expect("environment")
         .iter()
-        .map(|e| (e["name"].as_str().expect("name").to_owned(), e["value"].as_str().expect("value").to_owned()))
+        .map(|e| {
+            (
+                e["name"].as_str().expect("name").to_owned(),
+                e["value"].as_str().expect("value").to_owned(),
+            )
+        })
         .collect();
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let (code, out, err) = keyproxy(&["check"], None, &env_refs);
