@@ -19,6 +19,8 @@
 //! - [`secrets`]: the `SecretSource` trait, the `aws` and `file` sources, the redacting `Secret`.
 //! - [`config`]: TOML file or `KEYPROXY_*` variables → validated [`config::Config`].
 //! - [`telemetry`]: log setup (text or JSON; third-party crates capped so no wire data is logged).
+//! - [`rotation`]: the rotation function (createSecret, setSecret, testSecret, finishSecret) run
+//!   by the `keyproxy-rotation` Lambda binary and by `keyproxy rotate`.
 
 pub mod admin;
 pub mod admin_client;
@@ -31,6 +33,7 @@ pub mod inject;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;
+pub mod rotation;
 pub mod route;
 pub mod secrets;
 pub mod server;

@@ -53,6 +53,20 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Rotate a secret now: createSecret, setSecret, testSecret, finishSecret, in order.
+    /// Prints the new version id. See docs/rotation.md.
+    Rotate {
+        /// The secret to rotate (name or ARN).
+        #[arg(long)]
+        secret_id: String,
+        /// The new version id (ClientRequestToken); a fresh UUID by default. Pass the id of a
+        /// rotation that failed midway to resume it.
+        #[arg(long)]
+        token: Option<String>,
+        /// Rotate even if rotation is not enabled for the secret (no schedule needed on demand).
+        #[arg(long)]
+        skip_rotation_enabled_check: bool,
+    },
 }
 
 fn load(cli: &Cli) -> Result<Config, ExitCode> {
@@ -120,7 +134,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             };
             let path = if *ready { "/readyz" } else { "/healthz" };
-            match runtime().and_then(|rt| {
+            match runtime(Some(1)).and_then(|rt| {
                 rt.block_on(keyproxy::admin_client::get(addr, path, *timeout))
                     .map_err(|e| e.to_string())
             }) {
@@ -131,6 +145,46 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("keyproxy health: {path}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Rotate {
+            secret_id,
+            token,
+            skip_rotation_enabled_check,
+        }) => {
+            let spec = cli.log.clone().unwrap_or_else(|| "info".into());
+            if let Err(e) = telemetry::init(&spec, cli.log_format) {
+                eprintln!("keyproxy rotate: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let env: HashMap<String, String> = std::env::vars().collect();
+            let settings = match keyproxy::rotation::Settings::from_env(&env) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("keyproxy rotate: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let options = keyproxy::rotation::RotateOptions {
+                token: token.clone(),
+                require_rotation_enabled: !skip_rotation_enabled_check,
+            };
+            let result = runtime(None).and_then(|rt| {
+                rt.block_on(async {
+                    let rotator = keyproxy::rotation::Rotator::from_settings(&settings).await?;
+                    keyproxy::rotation::rotate_now(&rotator, secret_id, &options).await
+                })
+                .map_err(|e| e.to_string())
+            });
+            match result {
+                Ok(rotated) => {
+                    println!("{}", rotated.version_id);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keyproxy rotate: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -149,7 +203,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let rt = match runtime() {
+            let rt = match runtime(config.worker_threads) {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("keyproxy: {e}");
@@ -171,9 +225,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))
 }
