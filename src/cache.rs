@@ -354,7 +354,12 @@ impl Entry {
     /// use now, which are `seen` itself when nothing newer could be had (another caller already
     /// refreshed within the cooldown, or Secrets Manager still holds the same value).
     pub async fn refresh_now(&self, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
-        let newer = |cur: &Option<Arc<Loaded>>| cur.as_ref().is_some_and(|c| !Arc::ptr_eq(c, seen));
+        // Newer means other credentials, not just another `Arc`: a pending value re-stored as
+        // plain current (same key) must not count, or the AWSPENDING lookup would be skipped.
+        let newer = |cur: &Option<Arc<Loaded>>| {
+            cur.as_ref()
+                .is_some_and(|c| !Arc::ptr_eq(c, seen) && c.creds != seen.creds)
+        };
         let cur = self.current();
         if newer(&cur) {
             return cur;
