@@ -544,6 +544,10 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     }
 }
 
+/// The longest duration any setting takes: far beyond any sensible value, and small enough that
+/// `Instant::now() + d` (idle timeouts) and the refresh jitter (`d * 1.1`) cannot overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 fn duration(
     problems: &mut Problems,
     key: String,
@@ -559,6 +563,16 @@ fn duration(
                 format!(
                     "{v:?} is too short (at least {})",
                     humantime::format_duration(min)
+                ),
+            );
+            default
+        }
+        Ok(d) if d > MAX_DURATION => {
+            problems.add(
+                key,
+                format!(
+                    "{v:?} is too long (at most {})",
+                    humantime::format_duration(MAX_DURATION)
                 ),
             );
             default

@@ -143,13 +143,9 @@ impl Proxy {
         })?;
 
         // 3. The upstream request.
-        if req.headers().contains_key(header::CONTENT_LENGTH)
-            && req.headers().contains_key(header::TRANSFER_ENCODING)
-        {
-            return Err(ProxyError::BadRequest(
-                "both Content-Length and Transfer-Encoding: refused (request smuggling)".into(),
-            ));
-        }
+        // A request with both Content-Length and Transfer-Encoding never reaches this point as
+        // such: hyper drops the Content-Length, reads the chunked framing, and closes the
+        // connection after the answer (RFC 9112 §6.3). The upstream request is framed anew.
         let (mut parts, body) = req.into_parts();
         let query = parts.uri.query();
         let rest = &parts.uri.path()[strip..];
@@ -346,10 +342,31 @@ fn respond(resp: Response<Incoming>, idle: std::time::Duration) -> Response<Resp
 
 /// A client error with its causes (connection refused, TLS failure, ...); carries no headers.
 fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    let head = if e.is_connect() {
-        "cannot connect"
-    } else {
-        "the connection failed"
+    let head = match (e.is_connect(), is_tls_error(e)) {
+        (true, true) => "TLS handshake with the upstream failed",
+        (true, false) => "cannot connect",
+        (false, _) => "the connection failed",
     };
     crate::error::with_causes(head.to_owned(), std::error::Error::source(e))
+}
+
+/// Whether a rustls error is in `e`'s chain. hyper-rustls wraps it in an `io::Error` inside
+/// another `io::Error`, and `io::Error::source()` skips its payload, so payloads are searched too.
+fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        let payload = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        if let Some(inner) = payload {
+            if is_tls_error(inner) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
