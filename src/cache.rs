@@ -96,7 +96,18 @@ pub struct EntryStatus {
 struct FetchState {
     /// When the last forced (401) fetch started.
     last_forced: Option<Instant>,
+    /// Until when `AWSPENDING` may be probed alone inside the cooldown (after a miss).
+    probe_until: Option<Instant>,
+    /// When `AWSPENDING` was last read on the 401 path.
+    last_probe: Option<Instant>,
 }
+
+/// After a 401 found neither a new `AWSCURRENT` nor an `AWSPENDING` version, a rotation may be
+/// between its token endpoint issuing the new key (and revoking the old one) and
+/// `PutSecretValue` storing it: for this long, further 401s may read `AWSPENDING` alone...
+const PROBE_WINDOW: Duration = Duration::from_secs(2);
+/// ...at most once per this gap (so at most 8 extra reads per `refresh_cooldown`).
+const PROBE_GAP: Duration = Duration::from_millis(250);
 
 /// One secret version stage, its rendered credentials, and its refresh machinery.
 pub struct Entry {
@@ -298,7 +309,7 @@ impl Entry {
 
     /// After a 401 that a fresh `AWSCURRENT` did not fix: installs the `AWSPENDING` version, if
     /// there is one that differs from `seen`. Callers hold `fetch_lock`.
-    async fn try_pending_locked(&self, seen: &Arc<Loaded>) {
+    async fn try_pending_locked(&self, seen: &Arc<Loaded>) -> bool {
         let result = self.source.fetch(&self.secret_id, "AWSPENDING").await;
         let label = SecretResult {
             secret: self.secret_id.clone(),
@@ -313,21 +324,21 @@ impl Entry {
             Ok(v) => v,
             Err(SourceError::NotFound { .. }) => {
                 tracing::debug!(secret = %self.secret_id, "no AWSPENDING version: no rotation in progress");
-                return;
+                return false;
             }
             Err(e) => {
                 tracing::warn!(secret = %self.secret_id, error = %e, "reading AWSPENDING after a 401 failed");
-                return;
+                return false;
             }
         };
         if fetched.version_id == seen.version_id {
-            return;
+            return false;
         }
         let Ok(creds) = self.render(&fetched.value) else {
-            return;
+            return false;
         };
         if creds == seen.creds {
-            return;
+            return false;
         }
         tracing::info!(secret = %self.secret_id,
             version = fetched.version_id.as_deref().unwrap_or("-"),
@@ -342,6 +353,7 @@ impl Entry {
                 since: Instant::now(),
             }),
         })));
+        true
     }
 
     /// Fetches now (background refresh): waits for a fetch already running, then fetches.
@@ -369,19 +381,31 @@ impl Entry {
         if newer(&cur) {
             return cur;
         }
-        if guard
-            .last_forced
-            .is_some_and(|t| t.elapsed() < self.cooldown)
-        {
+        let now = Instant::now();
+        if guard.last_forced.is_some_and(|t| now - t < self.cooldown) {
+            let probe = self.pending_fallback
+                && guard.probe_until.is_some_and(|until| now < until)
+                && guard.last_probe.is_none_or(|t| now - t >= PROBE_GAP);
+            if probe {
+                guard.last_probe = Some(now);
+                if self.try_pending_locked(seen).await {
+                    guard.probe_until = None;
+                }
+                return self.current();
+            }
             return cur;
         }
-        guard.last_forced = Some(Instant::now());
+        guard.last_forced = Some(now);
+        guard.probe_until = None;
         let _ = self.fetch_locked("401").await;
         let cur = self.current();
         if newer(&cur) || !self.pending_fallback {
             return cur;
         }
-        self.try_pending_locked(seen).await;
+        guard.last_probe = Some(Instant::now());
+        if !self.try_pending_locked(seen).await {
+            guard.probe_until = Some(Instant::now() + PROBE_WINDOW);
+        }
         self.current()
     }
 
@@ -780,6 +804,52 @@ mod tests {
         let l = e.current().expect("l");
         assert_eq!(header(&l, 0), "Bearer k2");
         assert!(l.pending.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pending_stored_just_after_a_miss_is_probed_inside_the_cooldown() {
+        let src = FakeSource::new("k1");
+        let (_c, slots) =
+            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let e = slots[0].entry.clone();
+        e.refresh().await.expect("first");
+        let seen = e.current().expect("k1");
+        // The token endpoint issued k2 (and revoked k1); PutSecretValue has not happened yet.
+        let before = src.fetches.load(Ordering::SeqCst);
+        assert!(Arc::ptr_eq(&e.refresh_now(&seen).await.expect("l"), &seen));
+        assert_eq!(
+            src.fetches.load(Ordering::SeqCst) - before,
+            2,
+            "AWSCURRENT + AWSPENDING"
+        );
+        // A 401 right after: inside the probe gap, no fetch.
+        assert!(Arc::ptr_eq(&e.refresh_now(&seen).await.expect("l"), &seen));
+        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 2);
+        // The put lands; a 401 300 ms later (inside the 5 s cooldown) probes AWSPENDING alone.
+        *src.pending.lock().expect("lock") = Some(("k2".into(), "v2".into()));
+        tokio::time::advance(Duration::from_millis(300)).await;
+        let got = e.refresh_now(&seen).await.expect("l");
+        assert_eq!(header(&got, 0), "Bearer k2");
+        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lasting_401_costs_a_bounded_number_of_fetches() {
+        let src = FakeSource::new("k1");
+        let (_c, slots) =
+            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let e = slots[0].entry.clone();
+        e.refresh().await.expect("first");
+        let seen = e.current().expect("k1");
+        let before = src.fetches.load(Ordering::SeqCst);
+        // A 401 every 10 ms for one cooldown (5 s): 2 + at most 8 probes.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(4900) {
+            e.refresh_now(&seen).await;
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        let n = src.fetches.load(Ordering::SeqCst) - before;
+        assert!((2..=10).contains(&n), "{n} fetches");
     }
 
     #[tokio::test(start_paused = true)]

@@ -54,7 +54,7 @@ enum Command {
         timeout: Duration,
     },
     /// Rotate a secret now: createSecret, setSecret, testSecret, finishSecret, in order.
-    /// Prints the new version id. See docs/rotation.md.
+    /// Prints the new version id. See the Rotation section of README.md.
     Rotate {
         /// The secret to rotate (name or ARN).
         #[arg(long)]

@@ -621,7 +621,7 @@ async fn holds_500_keepalive_connections_with_bounded_memory() {
 
 /// By hand: `cargo test --test bad_requests -- --ignored --nocapture holds_5000`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "load test, run by hand (see docs/reliability.md)"]
+#[ignore = "load test, run by hand (see the Reliability section of README.md)"]
 async fn holds_5000_keepalive_connections_with_bounded_memory() {
     let growth = hold_keepalive_connections(5000).await;
     assert!(

@@ -1,7 +1,7 @@
 //! The master secret, and the two HTTP calls rotation makes with it: minting a key at the
 //! API's token endpoint (createSecret) and trying the new key on a cheap URL (testSecret).
 //!
-//! The master secret is JSON (see `docs/rotation.md`). It is parsed field by field rather than
+//! The master secret is JSON (see the Rotation section of README.md). It is parsed field by field rather than
 //! with a derived `Deserialize`, because serde's type errors quote the offending value, and a
 //! misplaced `client_secret` must not end up in an error message. Unknown fields are refused
 //! (a misspelt `test_url` would otherwise skip the test without a word).
