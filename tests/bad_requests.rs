@@ -6,70 +6,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn route(name: &str, prefix: &str, upstream: &str, secret: &str, extra: &str) -> String {
-    format!(
-        "[[route]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\nsecret_id = \"{secret}\"\n{extra}\n"
-    )
-}
-
-/// A config prefix for the `file` source holding `secrets` (id → value), in a scratch dir.
-fn file_source(secrets: &[(&str, &str)]) -> String {
-    let dir = scratch("bad-src");
-    let path = dir.join("secrets.json");
-    let doc: serde_json::Map<String, serde_json::Value> = secrets
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String((*v).to_owned())))
-        .collect();
-    std::fs::write(&path, serde_json::Value::Object(doc).to_string()).expect("write secrets");
-    format!("[source]\ntype = \"file\"\npath = \"{}\"\n", path.display())
-}
-
-/// Sends raw bytes and returns what came back (until close, or 2 s, or a pause after data).
-async fn raw(addr: SocketAddr, request: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    // The peer may answer and close before it read everything (431): a write error is fine.
-    let _ = s.write_all(request).await;
-    read_some(&mut s, Duration::from_secs(2)).await
-}
-
-/// Reads until close, `within`, or a 300 ms pause after some data.
-async fn read_some(s: &mut TcpStream, within: Duration) -> String {
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::new();
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) if !out.is_empty() => break,
-            Err(_) => {}
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn status_of(resp: &str) -> u16 {
-    resp.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Checks that none of `secrets` is in `/metrics`, then in the logs.
-async fn assert_nowhere(kp: &KeyProxy, secrets: &[&str]) {
-    let metrics = kp.metrics().await;
-    for s in secrets {
-        assert!(!metrics.contains(s), "secret {s:?} in /metrics");
-    }
-    kp.assert_no_leak(secrets);
-}
 
 /// A bad request: its bytes, the statuses allowed, and the `x-keyproxy-error` it must carry
 /// (`None` where the HTTP parser itself refuses it, before keyproxy sees a request).
@@ -274,7 +215,7 @@ async fn malformed_and_hostile_requests_are_refused_and_nothing_is_forwarded() {
     // After all that, a good request works.
     let r = http::get(&kp.url("/api/ok")).await.expect("good request");
     assert_eq!(r.status, 200);
-    assert_nowhere(&kp, &["bad-req-key"]).await;
+    kp.assert_nowhere(&["bad-req-key"]).await;
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -334,7 +275,7 @@ async fn over_max_connections_gets_503_overloaded_and_works_again_once_others_cl
     let r = raw(kp.addr, request).await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     drop(held);
-    assert_nowhere(&kp, &["limit-key"]).await;
+    kp.assert_nowhere(&["limit-key"]).await;
 }
 
 const APP_TOKEN: &str = "app-token-0123456789abcdef";
@@ -401,7 +342,7 @@ async fn app_token_is_required_compared_exactly_and_never_forwarded() {
         seen.headers
     );
     assert_eq!(seen.header("authorization"), Some("Bearer token-route-key"));
-    assert_nowhere(&kp, &[APP_TOKEN, "token-route-key"]).await;
+    kp.assert_nowhere(&[APP_TOKEN, "token-route-key"]).await;
 }
 
 const NOT_LOOPBACK_WARNING: &str = "the app listener is not on loopback";
@@ -435,7 +376,7 @@ async fn non_loopback_listener_warns_unless_an_app_token_is_required() {
     // It serves (reached over loopback only).
     let local = format!("http://127.0.0.1:{}/api/x", open.addr.port());
     assert_eq!(http::get(&local).await.expect("request").status, 200);
-    assert_nowhere(&open, &["wide-key"]).await;
+    open.assert_nowhere(&["wide-key"]).await;
 
     let guarded = KeyProxy::start(
         &(String::from("listen = \"0.0.0.0:0\"\n")
@@ -458,8 +399,8 @@ async fn non_loopback_listener_warns_unless_an_app_token_is_required() {
     );
     quiet.wait_ready(Duration::from_secs(10)).await;
     assert!(!warned_not_loopback(&quiet), "warned for 127.0.0.1");
-    assert_nowhere(&guarded, &["wide-key", APP_TOKEN]).await;
-    assert_nowhere(&quiet, &["wide-key"]).await;
+    guarded.assert_nowhere(&["wide-key", APP_TOKEN]).await;
+    quiet.assert_nowhere(&["wide-key"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,7 +446,7 @@ async fn absurd_durations_are_refused_by_check_or_work_without_panicking() {
     let r = r.expect("a complete response");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["path"], "/x");
-    assert_nowhere(&kp, &["duration-key"]).await;
+    kp.assert_nowhere(&["duration-key"]).await;
 }
 
 /// Opens `n` keep-alive connections to keyproxy, sends one request on each, holds them all
@@ -595,18 +536,8 @@ async fn hold_keepalive_connections(n: usize) -> u64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("all closed: keyproxy RSS {} KiB", rss_kib(kp.pid()));
-    assert_nowhere(&kp, &["load-key"]).await;
+    kp.assert_nowhere(&["load-key"]).await;
     growth
-}
-
-/// keyproxy's resident memory, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,12 +19,6 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn route(name: &str, prefix: &str, upstream: &str, secret: &str, extra: &str) -> String {
-    format!(
-        "[[route]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\nsecret_id = \"{secret}\"\n{extra}\n"
-    )
-}
-
 /// `[aws]` with an attempt timeout short enough for the slow-Secrets-Manager cases.
 const AWS_FAST: &str = "[aws]\ntimeout = \"300ms\"\n";
 
@@ -55,31 +49,6 @@ async fn wait_secret(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Polls until the `keyproxy_connections` gauge is 0.
-async fn wait_no_connections(kp: &KeyProxy, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let n = sum_metric(&kp.metrics().await, "keyproxy_connections", &[]);
-        if n == 0.0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "keyproxy_connections is still {n} after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Checks that none of `secrets` is in `/metrics`, then in the logs.
-async fn assert_nowhere(kp: &KeyProxy, secrets: &[&str]) {
-    let metrics = kp.metrics().await;
-    for s in secrets {
-        assert!(!metrics.contains(s), "secret {s:?} in /metrics");
-    }
-    kp.assert_no_leak(secrets);
 }
 
 /// One Secrets Manager fault: how it is injected, and how keyproxy must report it.
@@ -201,7 +170,7 @@ async fn secrets_manager_faults_at_start_answer_503_naming_the_cause_then_ready_
                 up.seen()[0].header("authorization"),
                 Some(format!("Bearer {key}").as_str())
             );
-            assert_nowhere(&kp, &[&key]).await;
+            kp.assert_nowhere(&[&key]).await;
             (c.kind, took)
         }
     });
@@ -337,7 +306,7 @@ async fn secrets_manager_faults_while_running_serve_the_last_good_key_and_back_o
                 sum_metric(&kp.metrics().await, "keyproxy_secret_stale", &[&label]),
                 0.0
             );
-            assert_nowhere(&kp, &[&key1, &key2]).await;
+            kp.assert_nowhere(&[&key1, &key2]).await;
             (c.kind, attempts, served)
         }
     });
@@ -421,19 +390,7 @@ async fn secrets_manager_unreachable_while_running_serves_stale_then_recovers() 
             .await,
         0.0
     );
-    assert_nowhere(&kp, &["down-key-1", "down-key-2"]).await;
-}
-
-/// A config prefix for the `file` source holding `secrets` (id → value), in a scratch dir.
-fn file_source(secrets: &[(&str, &str)]) -> String {
-    let dir = scratch("faults-src");
-    let path = dir.join("secrets.json");
-    let doc: serde_json::Map<String, Value> = secrets
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
-        .collect();
-    std::fs::write(&path, Value::Object(doc).to_string()).expect("write secrets");
-    format!("[source]\ntype = \"file\"\npath = \"{}\"\n", path.display())
+    kp.assert_nowhere(&["down-key-1", "down-key-2"]).await;
 }
 
 /// Reads a request head (up to the blank line) from a raw connection; `None` on EOF/timeout.
@@ -593,7 +550,7 @@ async fn upstream_connection_refused_is_502_then_works_once_it_listens() {
     assert_eq!((status, marker), (200, None));
     assert_eq!(body.expect("body"), "hello");
     assert_eq!(up.conns.load(Ordering::SeqCst), 1);
-    assert_nowhere(&kp, &["refused-key"]).await;
+    kp.assert_nowhere(&["refused-key"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -633,8 +590,8 @@ async fn upstream_reset_mid_response_cuts_the_response_and_the_next_request_work
     let (status, marker, body, _, _) = get_timed(&kp, "/api/next").await;
     assert_eq!((status, marker), (200, None));
     assert_eq!(body.expect("body"), "hello");
-    wait_no_connections(&kp, Duration::from_secs(5)).await;
-    assert_nowhere(&kp, &["reset-key"]).await;
+    kp.wait_no_connections(Duration::from_secs(5)).await;
+    kp.assert_nowhere(&["reset-key"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -665,7 +622,7 @@ async fn upstream_slow_headers_get_504_within_the_route_timeout() {
     let (status, _, body, _, _) = get_timed(&kp, "/api/next").await;
     assert_eq!(status, 200);
     assert_eq!(body.expect("body"), "hello");
-    assert_nowhere(&kp, &["slow-key"]).await;
+    kp.assert_nowhere(&["slow-key"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -700,8 +657,8 @@ async fn upstream_body_stalling_past_idle_timeout_is_cut_off_not_hung() {
     let (status, _, body, _, _) = get_timed(&kp, "/api/next").await;
     assert_eq!(status, 200);
     assert_eq!(body.expect("body"), "hello");
-    wait_no_connections(&kp, Duration::from_secs(5)).await;
-    assert_nowhere(&kp, &["stall-key"]).await;
+    kp.wait_no_connections(Duration::from_secs(5)).await;
+    kp.assert_nowhere(&["stall-key"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -735,7 +692,7 @@ async fn upstream_tls_failure_is_502_naming_tls() {
     // The next request (another route) works.
     let r = http::get(&kp.url("/plain/x")).await.expect("plain");
     assert_eq!(r.status, 200);
-    assert_nowhere(&kp, &["tls-key"]).await;
+    kp.assert_nowhere(&["tls-key"]).await;
 }
 
 /// How a [`StreamUpstream`] response ended.
@@ -833,16 +790,6 @@ impl Drop for StreamUpstream {
     }
 }
 
-/// keyproxy's resident memory, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_disconnecting_mid_request_leaks_no_connection() {
     let up = Upstream::echo().await;
@@ -871,7 +818,7 @@ async fn app_disconnecting_mid_request_leaks_no_connection() {
             .expect("part of the body");
         tokio::time::sleep(Duration::from_millis(200)).await;
         drop(s);
-        wait_no_connections(&kp, Duration::from_secs(5)).await;
+        kp.wait_no_connections(Duration::from_secs(5)).await;
     }
     // A body kept for a replay is never forwarded half-read; a streamed one is cut upstream.
     let seen = up.seen();
@@ -895,7 +842,7 @@ async fn app_disconnecting_mid_request_leaks_no_connection() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["body"], "whole");
     }
-    assert_nowhere(&kp, &["hangup-key"]).await;
+    kp.assert_nowhere(&["hangup-key"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -935,12 +882,12 @@ async fn app_disconnecting_mid_response_releases_the_upstream_stream() {
         vec![Sent::SendFailed],
         "the upstream saw its stream's send fail"
     );
-    wait_no_connections(&kp, Duration::from_secs(5)).await;
+    kp.wait_no_connections(Duration::from_secs(5)).await;
     let (status, _, body, _, _) = get_timed(&kp, "/api/small?chunks=2").await;
     assert_eq!(status, 200);
     assert_eq!(body.expect("body").len(), 2 * CHUNK);
     assert_eq!(up.outcomes()[1], Sent::Complete);
-    assert_nowhere(&kp, &["midresp-key"]).await;
+    kp.assert_nowhere(&["midresp-key"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1008,8 +955,8 @@ async fn slow_app_reader_gets_bounded_buffering_not_64_mib() {
     assert_eq!(got, total);
     assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
     drop(s);
-    wait_no_connections(&kp, Duration::from_secs(5)).await;
-    assert_nowhere(&kp, &["slowread-key"]).await;
+    kp.wait_no_connections(Duration::from_secs(5)).await;
+    kp.assert_nowhere(&["slowread-key"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1098,29 +1045,8 @@ async fn unusable_secret_values_are_refused_and_the_last_good_key_stays() {
         up.seen().last().and_then(|s| s.header("authorization")),
         Some("Bearer good-key-2")
     );
-    assert_nowhere(
-        &kp,
-        &["good-key-1", "good-key-2", "MARK1", "MARK2", "MARK3"],
-    )
-    .await;
-}
-
-/// Sends raw bytes and returns what came back (until close or 2 s).
-async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request).await.expect("write");
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) if !out.is_empty() => break,
-            Err(_) => {}
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    kp.assert_nowhere(&["good-key-1", "good-key-2", "MARK1", "MARK2", "MARK3"])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1178,5 +1104,5 @@ async fn requests_cannot_reach_anything_but_the_routes_own_upstream() {
         other.seen()
     );
     assert_eq!(up.seen().len(), 3, "nothing more forwarded");
-    assert_nowhere(&kp, &["escape-key"]).await;
+    kp.assert_nowhere(&["escape-key"]).await;
 }

@@ -9,12 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use http_body_util::BodyExt;
 
-fn route(name: &str, prefix: &str, upstream: &str, secret: &str, extra: &str) -> String {
-    format!(
-        "[[route]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\nsecret_id = \"{secret}\"\n{extra}\n"
-    )
-}
-
 /// moto with secret `api` = `first`, an API accepting only the keys in `valid` (initially the
 /// key inside `first`), and keyproxy with one route `/api` (plus `extra` route keys).
 async fn keyed_setup(
@@ -369,25 +363,6 @@ async fn unmatched_requests_get_404_and_nothing_is_forwarded() {
     let seen = &up.seen()[0];
     assert_eq!(seen.path, "/v2/ping");
     assert_eq!(seen.header("authorization"), Some("Bearer key-1"));
-}
-
-/// Sends raw bytes and returns what came back (until close or 2 s).
-async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) if !out.is_empty() => break,
-            Err(_) => {}
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -334,6 +334,31 @@ impl KeyProxy {
         }
     }
 
+    /// Panics if any of `secrets` is in `/metrics` or in the logs so far.
+    pub async fn assert_nowhere(&self, secrets: &[&str]) {
+        let metrics = self.metrics().await;
+        for s in secrets {
+            assert!(!metrics.contains(s), "secret {s:?} in /metrics");
+        }
+        self.assert_no_leak(secrets);
+    }
+
+    /// Polls until the `keyproxy_connections` gauge is 0.
+    pub async fn wait_no_connections(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let n = sum_metric(&self.metrics().await, "keyproxy_connections", &[]);
+            if n == 0.0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyproxy_connections is still {n} after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends a signal (`TERM`, `INT`, ...) without waiting.
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill")
@@ -373,6 +398,69 @@ impl Drop for KeyProxy {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A `[[route]]` table.
+pub fn route(name: &str, prefix: &str, upstream: &str, secret: &str, extra: &str) -> String {
+    format!(
+        "[[route]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nupstream = \"{upstream}\"\nsecret_id = \"{secret}\"\n{extra}\n"
+    )
+}
+
+/// A config prefix for the `file` source holding `secrets` (id → value), in a scratch dir.
+pub fn file_source(secrets: &[(&str, &str)]) -> String {
+    let dir = scratch("file-src");
+    let path = dir.join("secrets.json");
+    let doc: serde_json::Map<String, serde_json::Value> = secrets
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::Value::String((*v).to_owned())))
+        .collect();
+    std::fs::write(&path, serde_json::Value::Object(doc).to_string()).expect("write secrets");
+    format!("[source]\ntype = \"file\"\npath = \"{}\"\n", path.display())
+}
+
+/// Sends raw bytes and returns what came back (until close, or 2 s, or a pause after data).
+pub async fn raw(addr: SocketAddr, request: impl AsRef<[u8]>) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The peer may answer and close before it read everything (431): a write error is fine.
+    let _ = s.write_all(request.as_ref()).await;
+    read_some(&mut s, Duration::from_secs(2)).await
+}
+
+/// Reads until close, `within`, or a 300 ms pause after some data.
+pub async fn read_some(s: &mut tokio::net::TcpStream, within: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) if !out.is_empty() => break,
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw HTTP/1.1 response (0 if none).
+pub fn status_of(resp: &str) -> u16 {
+    resp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A process's resident memory, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
 }
 
 /// Sums a metric's samples whose line contains every label fragment.
