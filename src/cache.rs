@@ -679,6 +679,17 @@ mod tests {
         }
     }
 
+    /// A cache over one route, with `value` loaded: (source, cache, entry, loaded value).
+    async fn loaded(value: &str) -> (Arc<FakeSource>, SecretCache, Arc<Entry>, Arc<Loaded>) {
+        let src = FakeSource::new(value);
+        let (cache, slots) =
+            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let e = slots[0].entry.clone();
+        e.refresh().await.expect("first");
+        let seen = e.current().expect("loaded");
+        (src, cache, e, seen)
+    }
+
     fn header(l: &Loaded, i: usize) -> String {
         match &l.creds[i] {
             Credential::Header(v) => v.to_str().expect("ascii").to_owned(),
@@ -780,12 +791,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pending_version_stands_in_until_awscurrent_moves() {
-        let src = FakeSource::new("k1");
-        let (_c, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
-        let e = slots[0].entry.clone();
-        e.refresh().await.expect("first");
-        let seen = e.current().expect("k1");
+        let (src, _c, e, seen) = loaded("k1").await;
         // No rotation in progress: a 401 fetches AWSCURRENT and AWSPENDING, finds nothing newer.
         let got = e.refresh_now(&seen).await.expect("loaded");
         assert!(Arc::ptr_eq(&got, &seen));
@@ -808,12 +814,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pending_stored_just_after_a_miss_is_probed_inside_the_cooldown() {
-        let src = FakeSource::new("k1");
-        let (_c, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
-        let e = slots[0].entry.clone();
-        e.refresh().await.expect("first");
-        let seen = e.current().expect("k1");
+        let (src, _c, e, seen) = loaded("k1").await;
         // The token endpoint issued k2 (and revoked k1); PutSecretValue has not happened yet.
         let before = src.fetches.load(Ordering::SeqCst);
         assert!(Arc::ptr_eq(&e.refresh_now(&seen).await.expect("l"), &seen));
@@ -835,12 +836,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lasting_401_costs_a_bounded_number_of_fetches() {
-        let src = FakeSource::new("k1");
-        let (_c, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
-        let e = slots[0].entry.clone();
-        e.refresh().await.expect("first");
-        let seen = e.current().expect("k1");
+        let (src, _c, e, seen) = loaded("k1").await;
         let before = src.fetches.load(Ordering::SeqCst);
         // A 401 every 10 ms for one cooldown (5 s): 2 + at most 8 probes.
         let start = Instant::now();
