@@ -40,8 +40,11 @@ pub enum ProxyBody {
         body: Incoming,
         /// The longest allowed gap between two frames.
         idle: Duration,
-        /// Fires `idle` after the last frame.
-        timer: Pin<Box<Sleep>>,
+        /// When the last frame arrived (or the body began).
+        last: Instant,
+        /// Armed at the first wait for data, for `last + idle`. Not reset on every frame: when
+        /// it fires early (frames came meanwhile) it is moved to the new `last + idle`.
+        timer: Option<Pin<Box<Sleep>>>,
     },
 }
 
@@ -65,7 +68,8 @@ impl ProxyBody {
         ProxyBody::Idle {
             body,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            last: Instant::now(),
+            timer: None,
         }
     }
 
@@ -90,15 +94,32 @@ impl Body for ProxyBody {
                 Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
                 None => Pin::new(rest).poll_frame(cx).map_err(Into::into),
             },
-            ProxyBody::Idle { body, idle, timer } => match Pin::new(body).poll_frame(cx) {
+            ProxyBody::Idle {
+                body,
+                idle,
+                last,
+                timer,
+            } => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(frame) => {
-                    timer.as_mut().reset(Instant::now() + *idle);
+                    *last = Instant::now();
                     Poll::Ready(frame.map(|f| f.map_err(Into::into)))
                 }
-                Poll::Pending => match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout(*idle))))),
-                    Poll::Pending => Poll::Pending,
-                },
+                Poll::Pending => {
+                    let timer = timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*last + *idle)));
+                    loop {
+                        match timer.as_mut().poll(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(()) => {
+                                let deadline = *last + *idle;
+                                if deadline <= Instant::now() {
+                                    return Poll::Ready(Some(Err(Box::new(IdleTimeout(*idle)))));
+                                }
+                                timer.as_mut().reset(deadline);
+                            }
+                        }
+                    }
+                }
             },
         }
     }

@@ -104,24 +104,42 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("keep-alive"),
 ];
 
+/// Whether `name` is hop-by-hop in itself (whatever the `Connection` header lists).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name.as_str() == "proxy-connection"
+}
+
 /// Removes hop-by-hop headers, and any header the `Connection` header names.
+///
+/// One pass over the names, then a removal only for those present: most messages carry none of
+/// them, or only `Connection: keep-alive` (ten hashed removals per message cost more than the rest
+/// of the header handling).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(n);
+    let mut found: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        if !is_hop_by_hop(name) {
+            continue;
         }
+        if name == header::CONNECTION {
+            for token in value.to_str().unwrap_or("").split(',') {
+                let token = token.trim();
+                // `keep-alive` is removed anyway, and `close` names no header.
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    found.push(n);
+                }
+            }
+        }
+        found.push(name.clone());
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    for n in found {
+        headers.remove(n);
     }
-    headers.remove("proxy-connection");
 }
 
 #[cfg(test)]
@@ -150,6 +168,21 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_headers_are_untouched() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_TYPE));
     }
 
     #[test]
