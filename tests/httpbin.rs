@@ -16,7 +16,7 @@ struct Httpbin {
 
 impl Httpbin {
     fn start() -> Httpbin {
-        let python = std::env::var("KEYPROXY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let python = std::env::var("HTTPBIN_PYTHON").unwrap_or_else(|_| "python3".into());
         let port = free_port();
         let child = Command::new(&python)
             .args([

@@ -217,9 +217,13 @@ impl KeyProxy {
     }
 
     fn spawn(mut cmd: Command, env: &[(String, String)], dir: PathBuf) -> KeyProxy {
+        // Only what the test gives: no KEYPROXY_* or RUST_LOG from the caller's environment.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("KEYPROXY_") || k == "RUST_LOG" {
+                cmd.env_remove(k);
+            }
+        }
         cmd.args(["--log-format", "json", "--log", "trace"])
-            .env_remove("KEYPROXY_CONFIG")
-            .env_remove("RUST_LOG")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
