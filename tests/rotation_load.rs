@@ -74,6 +74,9 @@ struct Figures {
     keys_issued: usize,
     keys_unused: Vec<usize>,
     elapsed: Duration,
+    /// keyproxy's RSS 2 s into the load, and at the end (KiB).
+    rss_warm_kib: u64,
+    rss_end_kib: u64,
 }
 
 impl Figures {
@@ -101,12 +104,27 @@ impl Figures {
             self.elapsed.as_secs_f64(),
             self.requests as f64 / self.elapsed.as_secs_f64().max(0.001),
         );
+        println!(
+            "  keyproxy RSS: {:.1} MiB 2 s into the load, {:.1} MiB at the end",
+            self.rss_warm_kib as f64 / 1024.0,
+            self.rss_end_kib as f64 / 1024.0
+        );
         for s in &self.failure_samples {
             println!("  failure: {s}");
         }
         for e in &self.rotation_errors {
             println!("  rotation error: {e}");
         }
+    }
+
+    /// Memory stays flat over a long run: at most 16 MiB above its level 2 s into the load.
+    fn assert_flat_rss(&self) {
+        assert!(
+            self.rss_end_kib <= self.rss_warm_kib + 16 * 1024,
+            "RSS grew from {} KiB to {} KiB",
+            self.rss_warm_kib,
+            self.rss_end_kib
+        );
     }
 
     fn assert_ok(&self) {
@@ -316,6 +334,16 @@ async fn run(plan: Plan) -> Figures {
         .map(|i| tokio::spawn(client(kp.url(""), i, stop.clone(), load.clone())))
         .collect();
 
+    let pid = kp.pid();
+    let rss_warm = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let rss_warm = rss_warm.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            rss_warm.store(rss_kib(pid), Ordering::Relaxed);
+        })
+    };
+
     let rot_rt = own_runtime();
     let (rotations, rotation_errors) = rot_rt
         .spawn(rotate_repeatedly(plan.clone(), moto.url(), api.clone()))
@@ -332,7 +360,10 @@ async fn run(plan: Plan) -> Figures {
         t.await.expect("client task");
     }
 
+    let _ = sampler.await;
     let mut figures = Figures {
+        rss_warm_kib: rss_warm.load(Ordering::Relaxed),
+        rss_end_kib: rss_kib(pid),
         elapsed: started.elapsed(),
         rotations,
         rotation_errors,
@@ -459,18 +490,19 @@ async fn rotation_under_load_key_revoked_on_issue_needs_pending_fallback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run by hand (see the module docs)"]
 async fn long_run_revoked_on_first_use_of_newer() {
-    run(long(
+    let f = run(long(
         "long, first use of newer",
         Revocation::OnFirstUseOfNewer,
     ))
-    .await
-    .assert_ok();
+    .await;
+    f.assert_ok();
+    f.assert_flat_rss();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run by hand (see the module docs)"]
 async fn long_run_revoked_on_issue() {
-    run(long("long, revoked on issue", Revocation::OnIssue))
-        .await
-        .assert_ok();
+    let f = run(long("long, revoked on issue", Revocation::OnIssue)).await;
+    f.assert_ok();
+    f.assert_flat_rss();
 }
