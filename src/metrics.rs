@@ -4,8 +4,6 @@
 //! path only bumps atomics: no label lookup, no allocation. Secret metrics carry the secret's id,
 //! stage and version id as labels, never its value.
 
-use std::sync::Arc;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -294,9 +292,6 @@ impl RouteMetrics {
             .inc();
     }
 }
-
-/// Shared metrics handle.
-pub type SharedMetrics = Arc<Metrics>;
 
 #[cfg(test)]
 mod tests {
