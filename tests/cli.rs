@@ -186,3 +186,17 @@ fn deploy_files_carry_valid_keyproxy_configs() {
     assert_eq!(code, 0, "task definition env: {out}{err}");
     assert!(out.contains("1 route"), "{out}");
 }
+
+#[test]
+fn quickstart_cargo_run_picks_the_proxy_binary() {
+    // README: `cargo run --release -- --config config/local.toml`; with two binaries in the
+    // package, cargo needs `default-run` to know which one that is.
+    let manifest = std::fs::read_to_string(format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR")))
+        .expect("Cargo.toml");
+    assert!(
+        manifest
+            .lines()
+            .any(|l| l.trim() == "default-run = \"keyproxy\""),
+        "Cargo.toml lacks default-run"
+    );
+}
