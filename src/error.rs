@@ -105,13 +105,26 @@ impl ProxyError {
     /// The raw HTTP/1.1 bytes of this error with `Connection: close`, for answering a connection
     /// before any HTTP parsing (over `max_connections`).
     pub fn raw_http1(&self) -> Vec<u8> {
-        let body = json!({ "error": self.kind(), "message": self.to_string() }).to_string() + "\n";
+        self.http1(None, true)
+    }
+
+    /// The raw HTTP/1.1 response for this error from `route`, the same as [`Self::to_response`];
+    /// with `Connection: close` when `close`.
+    pub fn http1(&self, route: Option<&str>, close: bool) -> Vec<u8> {
+        let body = json!({
+            "error": self.kind(),
+            "message": self.to_string(),
+            "route": route,
+        })
+        .to_string()
+            + "\n";
         format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n{ERROR_HEADER}: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncache-control: no-store\r\n{ERROR_HEADER}: {}\r\ncontent-length: {}\r\n{}\r\n{body}",
             self.status().as_u16(),
             self.status().canonical_reason().unwrap_or(""),
             self.kind(),
-            body.len()
+            body.len(),
+            if close { "connection: close\r\n" } else { "" },
         )
         .into_bytes()
     }

@@ -11,6 +11,7 @@
 //!   backoff; single-flight, rate-limited refresh for the 401 path.
 //! - [`inject`]: value templates (`Bearer {secret}`), header and query-parameter credentials.
 //! - [`retry`]: keeps request bodies up to `max_replay_body` so a 401 can be replayed.
+//! - [`h1`]: the HTTP/1.1 fast path for plain-http upstreams; hands anything else to hyper.
 //! - [`forward`]: the pooled rustls upstream client; hop-by-hop header handling.
 //! - [`body`]: request/response body type (streamed, buffered, or both) without boxing.
 //! - [`error`]: the proxy's own errors, and the one place they become responses.
@@ -29,6 +30,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod h1;
 pub mod inject;
 pub mod metrics;
 pub mod proxy;

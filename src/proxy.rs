@@ -4,7 +4,7 @@
 //! [`ProxyError`], turned into a response in one place ([`ProxyError::to_response`]).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap};
 use http::uri::PathAndQuery;
@@ -17,6 +17,7 @@ use crate::cache::{Loaded, Slot};
 use crate::config::{AppAuth, RouteConfig};
 use crate::error::ProxyError;
 use crate::forward::{strip_hop_by_hop, UpstreamClient};
+use crate::h1::Pool;
 use crate::inject::{set_query, Credential, Injection};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::retry;
@@ -36,12 +37,15 @@ pub struct Route {
 /// The app-facing service.
 #[derive(Debug)]
 pub struct Proxy {
-    routes: Vec<Route>,
-    router: Router,
+    pub(crate) routes: Vec<Route>,
+    pub(crate) router: Router,
     client: UpstreamClient,
     metrics: Arc<Metrics>,
-    app_auth: Option<AppAuth>,
-    access_log: bool,
+    pub(crate) app_auth: Option<AppAuth>,
+    pub(crate) access_log: bool,
+    /// Per route: the fast path's connection pool (plain-http upstreams only).
+    pub(crate) pools: Vec<Option<Pool>>,
+    pub(crate) connect_timeout: Duration,
 }
 
 /// What one request did, for the access log.
@@ -58,8 +62,16 @@ impl Proxy {
         metrics: Arc<Metrics>,
         app_auth: Option<AppAuth>,
         access_log: bool,
+        connect_timeout: Duration,
     ) -> Proxy {
         let router = Router::new(&routes.iter().map(|r| r.config.clone()).collect::<Vec<_>>());
+        let pools = routes
+            .iter()
+            .map(|r| {
+                let up = &r.config.upstream;
+                (up.scheme == http::uri::Scheme::HTTP).then(|| Pool::new(&up.authority))
+            })
+            .collect();
         Proxy {
             routes,
             router,
@@ -67,6 +79,8 @@ impl Proxy {
             metrics,
             app_auth,
             access_log,
+            pools,
+            connect_timeout,
         }
     }
 
@@ -271,7 +285,7 @@ impl Proxy {
     }
 
     /// The credentials to replay with, if newer than `seen` and different for this route.
-    async fn fresher(&self, route: &Route, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
+    pub(crate) async fn fresher(&self, route: &Route, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
         let fresh = route.slot.entry.refresh_now(seen).await?;
         let old = route.slot.credential(seen);
         let new = route.slot.credential(&fresh);

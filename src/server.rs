@@ -15,7 +15,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -25,6 +24,7 @@ use crate::cache::SecretCache;
 use crate::config::{Config, SourceConfig};
 use crate::error::ProxyError;
 use crate::forward;
+use crate::h1::{self, Drain, Rewind, Served};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Route};
 use crate::secrets::aws::{self as aws_source, AwsSource};
@@ -105,6 +105,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics.clone(),
         config.app_auth.clone(),
         config.access_log,
+        config.connect_timeout,
     ));
     let admin_state = Arc::new(AdminState {
         cache: cache.clone(),
@@ -136,7 +137,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     http.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32);
-    let graceful = GracefulShutdown::new();
+    let drain = Arc::new(Drain::default());
     let limit = Arc::new(Semaphore::new(config.max_connections));
 
     tokio::pin!(shutdown);
@@ -168,19 +169,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let svc = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-        });
-        let conn = http
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let drain = drain.clone();
+        let http = http.clone();
         let gauge = metrics.connections.clone();
         gauge.inc();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(peer = %peer, error = %e, "app connection ended with an error");
+            // HTTP/1.1 to plain-http upstreams on the fast path; the rest of a connection goes
+            // to hyper from the first request the fast path does not take.
+            if let Served::Handoff(stream, read) = h1::serve(&proxy, stream, &drain).await {
+                let svc = service_fn(move |req| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                });
+                let conn = http.serve_connection(TokioIo::new(Rewind::new(stream, read)), svc);
+                let mut conn = std::pin::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = drain.wait() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(peer = %peer, error = %e, "app connection ended with an error");
+                }
             }
             gauge.dec();
             drop(permit);
@@ -191,8 +203,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     drop(app_listener);
     tracing::info!(drain_timeout = %humantime::format_duration(config.drain_timeout),
         "shutting down: no new connections; waiting for requests in flight");
+    drain.start();
+    // Every connection holds a permit until it ends: all of them back means all closed.
+    let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = limit.acquire_many(all) => tracing::info!("all connections closed"),
         () = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; closing the remaining connections"),
     }
     admin_task.abort();
