@@ -626,13 +626,19 @@ impl Conn<'_> {
             break Ok(answer);
         };
 
-        let (status, step) = match result {
+        let relayed = match result {
             Ok(answer) => {
                 let status = answer.head.status;
                 let close =
                     plan.close || drain.started() || answer.head.framing == Framing::UntilClose;
-                (status, self.relay(plan.route, answer, close).await)
+                self.relay(plan.route, answer, close)
+                    .await
+                    .map(|step| (status, step))
             }
+            Err(e) => Err(e),
+        };
+        let (status, step) = match relayed {
+            Ok(done) => done,
             Err(e) => {
                 route.metrics.error(e.kind());
                 tracing::warn!(route = route.config.name.as_str(),
@@ -877,8 +883,14 @@ impl Conn<'_> {
     }
 
     /// Relays the response (head in `out`, first bytes in `up`) to the app; pools the upstream
-    /// connection when the response ended cleanly on it.
-    async fn relay(&mut self, route_index: usize, answer: Answer, close: bool) -> Step {
+    /// connection when the response ended cleanly on it. `Err`: nothing was sent to the app yet,
+    /// and the response is unusable.
+    async fn relay(
+        &mut self,
+        route_index: usize,
+        answer: Answer,
+        close: bool,
+    ) -> Result<Step, ProxyError> {
         let Answer { mut conn, head } = answer;
         let route = &self.proxy.routes[route_index];
         self.up.advance(head.len);
@@ -886,7 +898,7 @@ impl Conn<'_> {
         let reusable = match head.framing {
             Framing::Empty => {
                 if self.app.write_all(&self.out).await.is_err() {
-                    return Step::Close;
+                    return Ok(Step::Close);
                 }
                 self.up.is_empty()
             }
@@ -895,23 +907,23 @@ impl Conn<'_> {
                 if take <= COALESCE {
                     self.out.extend_from_slice(&self.up[..take]);
                     if self.app.write_all(&self.out).await.is_err() {
-                        return Step::Close;
+                        return Ok(Step::Close);
                     }
                 } else if self.app.write_all(&self.out).await.is_err()
                     || self.app.write_all(&self.up[..take]).await.is_err()
                 {
-                    return Step::Close;
+                    return Ok(Step::Close);
                 }
                 self.up.advance(take);
                 let mut left = n - take as u64;
                 let mut clean = self.up.is_empty();
                 while left > 0 {
                     let Some(got) = self.read_body(&mut conn, idle).await else {
-                        return Step::Close;
+                        return Ok(Step::Close);
                     };
                     let take = got.min(usize::try_from(left).unwrap_or(usize::MAX));
                     if self.app.write_all(&self.up[..take]).await.is_err() {
-                        return Step::Close;
+                        return Ok(Step::Close);
                     }
                     clean = got == take;
                     left -= take as u64;
@@ -924,10 +936,15 @@ impl Conn<'_> {
                 loop {
                     let end = match scan.feed(&self.up) {
                         Ok(end) => end,
+                        Err(()) if first => {
+                            return Err(ProxyError::Unreachable(
+                                "the upstream sent a malformed chunked body".into(),
+                            ))
+                        }
                         Err(()) => {
                             tracing::warn!(route = route.config.name.as_str(),
                                 "the upstream sent a malformed chunked body; closing the connection");
-                            return Step::Close;
+                            return Ok(Step::Close);
                         }
                     };
                     let upto = end.unwrap_or(self.up.len());
@@ -944,13 +961,13 @@ impl Conn<'_> {
                         self.app.write_all(&self.up[..upto]).await.is_ok()
                     };
                     if !sent {
-                        return Step::Close;
+                        return Ok(Step::Close);
                     }
                     if let Some(end) = end {
                         break end == self.up.len();
                     }
                     if self.read_body(&mut conn, idle).await.is_none() {
-                        return Step::Close;
+                        return Ok(Step::Close);
                     }
                 }
             }
@@ -958,11 +975,11 @@ impl Conn<'_> {
                 if self.app.write_all(&self.out).await.is_err()
                     || self.app.write_all(&self.up).await.is_err()
                 {
-                    return Step::Close;
+                    return Ok(Step::Close);
                 }
                 while let Some(got) = self.read_body(&mut conn, idle).await {
                     if self.app.write_all(&self.up[..got]).await.is_err() {
-                        return Step::Close;
+                        return Ok(Step::Close);
                     }
                 }
                 false
@@ -976,9 +993,9 @@ impl Conn<'_> {
         }
         if close {
             let _ = self.app.shutdown().await;
-            Step::Close
+            Ok(Step::Close)
         } else {
-            Step::Next
+            Ok(Step::Next)
         }
     }
 
