@@ -27,13 +27,16 @@ enum Act {
     Split(usize),
 }
 
+/// Request heads and bodies, in the order read.
+type Seen = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 type Script = Arc<dyn Fn(usize, usize, &str) -> (Act, Vec<u8>) + Send + Sync>;
 
 /// A raw HTTP/1.1 upstream: `script(connection number, request number on it, request head)`
 /// gives the bytes to answer. Records every request head and body it reads.
 struct Raw {
     addr: SocketAddr,
-    seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Seen,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -43,7 +46,7 @@ impl Raw {
     ) -> Raw {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen: Seen = Arc::new(Mutex::new(Vec::new()));
         let script: Script = Arc::new(script);
         let log = seen.clone();
         let task = tokio::spawn(async move {
