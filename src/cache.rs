@@ -673,6 +673,7 @@ mod tests {
             refresh_cooldown: Duration::from_secs(5),
             pending_fallback: true,
             retry_on_401: true,
+            http2: true,
             max_replay_body: 1024,
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),

@@ -42,6 +42,7 @@ const ROUTE_ENV: &[&str] = &[
     "KEYPROXY_REFRESH_INTERVAL",
     "KEYPROXY_REFRESH_COOLDOWN",
     "KEYPROXY_PENDING_FALLBACK",
+    "KEYPROXY_HTTP2",
     "KEYPROXY_RETRY_ON_401",
     "KEYPROXY_MAX_REPLAY_BODY",
     "KEYPROXY_TIMEOUT",
@@ -149,6 +150,8 @@ pub struct RouteConfig {
     pub pending_fallback: bool,
     /// Refresh and replay once when the upstream answers 401.
     pub retry_on_401: bool,
+    /// Offer HTTP/2 to an `https://` upstream by ALPN (else HTTP/1.1 on the fast path).
+    pub http2: bool,
     /// Request bodies up to this size are kept for a replay; larger ones stream, never replayed.
     pub max_replay_body: u64,
     /// Time allowed for the upstream's response headers.
@@ -280,6 +283,7 @@ struct RawRoute {
     value: Option<String>,
     query_param: Option<String>,
     retry_on_401: Option<bool>,
+    http2: Option<bool>,
     max_replay_body: Option<SizeValue>,
     timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -419,6 +423,7 @@ impl Config {
             };
             let retry_on_401 = bool_of("KEYPROXY_RETRY_ON_401");
             let pending_fallback = bool_of("KEYPROXY_PENDING_FALLBACK");
+            let http2 = bool_of("KEYPROXY_HTTP2");
             raw.routes = Some(vec![RawRoute {
                 name: Some(get("KEYPROXY_ROUTE_NAME").unwrap_or_else(|| "default".into())),
                 path_prefix: get("KEYPROXY_PATH_PREFIX").or_else(|| {
@@ -440,6 +445,7 @@ impl Config {
                 value: get("KEYPROXY_VALUE"),
                 query_param: get("KEYPROXY_QUERY_PARAM"),
                 retry_on_401,
+                http2,
                 max_replay_body: get("KEYPROXY_MAX_REPLAY_BODY").map(SizeValue::Text),
                 timeout: get("KEYPROXY_TIMEOUT"),
                 idle_timeout: get("KEYPROXY_IDLE_TIMEOUT"),
@@ -1081,6 +1087,7 @@ fn validate_route(
         refresh_cooldown,
         pending_fallback: r.pending_fallback.unwrap_or(true),
         retry_on_401: r.retry_on_401.unwrap_or(true),
+        http2: r.http2.unwrap_or(true),
         max_replay_body,
         timeout,
         idle_timeout,
@@ -1168,6 +1175,7 @@ mod tests {
         assert_eq!(r.refresh_interval, Duration::from_secs(300));
         assert_eq!(r.max_replay_body, 256 * 1024);
         assert!(r.retry_on_401);
+        assert!(r.http2);
         assert!(matches!(&r.injection, Injection::Header { name, template }
             if name == "authorization" && template.as_text() == "Bearer {secret}"));
         assert!(matches!(c.source, SourceConfig::Aws(_)));
@@ -1196,6 +1204,7 @@ mod tests {
             refresh_cooldown = "0s"
             query_param = "key"
             retry_on_401 = false
+            http2 = false
             max_replay_body = "1MiB"
             timeout = "2s"
         "#,
@@ -1206,6 +1215,7 @@ mod tests {
         let r = &c.routes[0];
         assert_eq!(r.host.as_deref(), Some("maps.example.com"));
         assert_eq!(r.max_replay_body, 1024 * 1024);
+        assert!(!r.http2);
         assert!(matches!(&r.injection, Injection::Query { param, .. } if param == "key"));
         match &c.source {
             SourceConfig::Aws(a) => assert_eq!(a.region.as_deref(), Some("eu-west-1")),

@@ -62,17 +62,28 @@ fn roots(ca_bundle: Option<&std::path::Path>) -> Result<rustls::RootCertStore, C
     Ok(store)
 }
 
+/// The TLS settings for upstreams: ring, TLS 1.2 and 1.3, the roots of [`roots`], no ALPN.
+pub fn tls_config(
+    ca_bundle: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .with_root_certificates(roots(ca_bundle)?)
+        .with_no_client_auth())
+}
+
 /// Builds the pooled upstream client.
 pub fn client(
     connect_timeout: Duration,
     ca_bundle: Option<&std::path::Path>,
 ) -> Result<UpstreamClient, ClientError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(roots(ca_bundle)?)
-        .with_no_client_auth();
+    Ok(client_with(connect_timeout, tls_config(ca_bundle)?))
+}
+
+/// Builds the pooled upstream client with `tls` (HTTP/2 and HTTP/1.1 are offered by ALPN).
+pub fn client_with(connect_timeout: Duration, tls: rustls::ClientConfig) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -83,12 +94,12 @@ pub fn client(
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .http2_adaptive_window(true)
-        .build(https))
+        .build(https)
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the

@@ -1,19 +1,20 @@
-//! The HTTP/1.1 fast path: keep-alive requests to plain-http upstreams, relayed as bytes.
+//! The HTTP/1.1 fast path: keep-alive requests relayed as bytes.
 //!
-//! The common request (HTTP/1.1, origin-form, a `Content-Length` body or none, a route whose
-//! upstream is `http://`) is served here without building a `Request`, a `HeaderMap` or a body
-//! type: the head is parsed in place with `httparse`, rewritten into the upstream head in one
-//! buffer (hop-by-hop headers dropped, `Host` set, the key added), and the answer is relayed
-//! with its own framing (`Content-Length`, chunked, or until close) through one reusable buffer.
-//! Upstream connections come from a small per-route pool. The result is about half the CPU per
-//! request of the general path, and a bounded buffer per connection whatever the response size.
+//! The common request (HTTP/1.1, origin-form, a `Content-Length` body or none) to a route whose
+//! upstream speaks HTTP/1.1 (`http://`, or `https://` with `http2 = false`) is served here
+//! without building a `Request`, a `HeaderMap` or a body type: the head is parsed in place with
+//! `httparse`, rewritten into the upstream head in one buffer (hop-by-hop headers dropped,
+//! `Host` set, the key added), and the answer is relayed with its own framing
+//! (`Content-Length`, chunked, or until close) through one reusable buffer. Upstream connections
+//! come from a per-route pool. The result is about half the CPU per request of the general
+//! path, and a bounded buffer per connection whatever the response size.
 //!
 //! Everything else is handed to hyper ([`crate::proxy`]) for the rest of the connection, with
 //! the bytes read so far: HTTP/1.0, HTTP/2, `Transfer-Encoding` or `Expect` or `Upgrade` in the
-//! request, `CONNECT`, absolute-form targets, unusual target bytes, routes to `https://`
-//! upstreams, and every request the proxy answers itself before forwarding (no route, a bad
-//! path, a missing app token, no key yet). Both paths apply the same rules; the end-to-end tests
-//! run through both.
+//! request, a `Connection` header naming other headers, `CONNECT`, absolute-form targets, target
+//! bytes outside RFC 3986's set, routes whose upstream may speak HTTP/2, and every request the
+//! proxy answers itself before forwarding (no route, a bad path, a missing app token, no key
+//! yet), so those answers come from one place. Both paths apply the same rules.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -31,7 +32,10 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 
+use rustls::pki_types::ServerName;
+
 use crate::cache::Loaded;
+use crate::config::RouteConfig;
 use crate::error::ProxyError;
 use crate::inject::{set_query, Credential, Injection};
 use crate::proxy::{Proxy, Route};
@@ -84,32 +88,120 @@ impl Drain {
     }
 }
 
-/// Idle keep-alive connections to one plain-http upstream.
+/// A connection to an upstream: plain TCP, or TLS over it.
+#[derive(Debug)]
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Upstream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Upstream::Plain(s) => s,
+            Upstream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Whether an idle connection is still usable: nothing readable (no close, no stray bytes,
+    /// no TLS alert). Uses the readiness the reactor already has, so a quiet connection costs no
+    /// syscall.
+    fn still_open(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.tcp().poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Anything arriving on an idle TLS connection ends it (close_notify, or junk).
+            Poll::Ready(Ok(())) if matches!(self, Upstream::Tls(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.tcp().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Idle keep-alive HTTP/1.1 connections to one route's upstream.
 #[derive(Debug)]
 pub struct Pool {
     /// `host:port`, as `TcpStream::connect` takes it.
     addr: String,
-    idle: Mutex<Vec<(TcpStream, Instant)>>,
+    /// For `https://`: the connector (ALPN `http/1.1` only) and the name to verify.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    idle: Mutex<Vec<(Upstream, Instant)>>,
 }
 
 impl Pool {
-    /// A pool for `authority` (port 80 when it names none).
-    pub fn new(authority: &http::uri::Authority) -> Pool {
-        let addr = match authority.port_u16() {
-            Some(_) => authority.as_str().to_owned(),
-            None => format!("{}:80", authority.host()),
+    /// The fast path's pool for a route, if the route takes the fast path: a plain-http upstream,
+    /// or an https one with `http2 = false`. `tls` offers only HTTP/1.1 by ALPN.
+    pub fn for_route(route: &RouteConfig, tls: &Arc<rustls::ClientConfig>) -> Option<Pool> {
+        let up = &route.upstream;
+        let host = up.authority.host();
+        let (tls, default_port) = if up.scheme == http::uri::Scheme::HTTP {
+            (None, 80)
+        } else if up.scheme == http::uri::Scheme::HTTPS && !route.http2 {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let name = ServerName::try_from(bare.to_owned()).ok()?;
+            (Some((tls.clone(), name)), 443)
+        } else {
+            return None;
         };
-        Pool {
+        let addr = match up.authority.port_u16() {
+            Some(_) => up.authority.as_str().to_owned(),
+            None => format!("{host}:{default_port}"),
+        };
+        Some(Pool {
             addr,
+            tls,
             idle: Mutex::new(Vec::new()),
-        }
+        })
     }
 
     /// The newest idle connection that is still open.
-    fn checkout(&self) -> Option<TcpStream> {
+    fn checkout(&self) -> Option<Upstream> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() < POOL_IDLE && still_open(&conn) {
+            if since.elapsed() < POOL_IDLE && conn.still_open() {
                 return Some(conn);
             }
         }
@@ -117,7 +209,7 @@ impl Pool {
     }
 
     /// Keeps `conn` for the next request; drops the oldest one if it has idled too long.
-    fn checkin(&self, conn: TcpStream) {
+    fn checkin(&self, conn: Upstream) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle
             .first()
@@ -130,35 +222,32 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
-        match tokio::time::timeout(timeout, TcpStream::connect(&self.addr)).await {
-            Ok(Ok(conn)) => {
-                let _ = conn.set_nodelay(true);
-                Ok(conn)
-            }
-            Ok(Err(e)) => Err(ProxyError::Unreachable(format!(
-                "cannot connect to {}: {e}",
-                self.addr
-            ))),
+    /// A new connection (TCP, then TLS for https), within `timeout` in all.
+    async fn connect(&self, timeout: Duration) -> Result<Upstream, ProxyError> {
+        let connect = async {
+            let tcp = TcpStream::connect(&self.addr).await.map_err(|e| {
+                ProxyError::Unreachable(format!("cannot connect to {}: {e}", self.addr))
+            })?;
+            let _ = tcp.set_nodelay(true);
+            let Some((config, name)) = &self.tls else {
+                return Ok(Upstream::Plain(tcp));
+            };
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
+                ProxyError::Unreachable(crate::error::with_causes(
+                    format!("TLS handshake with the upstream {} failed", self.addr),
+                    Some(&e),
+                ))
+            })?;
+            Ok(Upstream::Tls(Box::new(tls)))
+        };
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(r) => r,
             Err(_) => Err(ProxyError::Unreachable(format!(
                 "cannot connect to {}: no answer within {}",
                 self.addr,
                 humantime::format_duration(timeout)
             ))),
-        }
-    }
-}
-
-/// Whether an idle upstream connection is still usable: nothing readable (no close, no stray
-/// bytes). Uses the readiness the reactor already has, so a quiet connection costs no syscall.
-fn still_open(conn: &TcpStream) -> bool {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    match conn.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            let mut probe = [0u8; 1];
-            matches!(conn.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
         }
     }
 }
@@ -328,7 +417,7 @@ struct RespHead {
 
 /// An upstream response whose head has been read.
 struct Answer {
-    conn: TcpStream,
+    conn: Upstream,
     head: RespHead,
 }
 
@@ -739,7 +828,7 @@ impl Conn<'_> {
     /// Writes the upstream request head (in `out`) and body, then reads the response head.
     async fn round_trip(
         &mut self,
-        conn: &mut TcpStream,
+        conn: &mut Upstream,
         plan: &Plan,
         body: &ReqBody,
         drain: &Drain,
@@ -1001,7 +1090,7 @@ impl Conn<'_> {
 
     /// Reads the next piece of a response body into `up` (replacing what was there): its length,
     /// or `None` at the end of the connection, on an error, or after `idle` without a byte.
-    async fn read_body(&mut self, conn: &mut TcpStream, idle: Duration) -> Option<usize> {
+    async fn read_body(&mut self, conn: &mut Upstream, idle: Duration) -> Option<usize> {
         self.up.clear();
         if self.up.capacity() < RELAY_CHUNK {
             self.up.reserve(RELAY_CHUNK);

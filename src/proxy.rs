@@ -63,14 +63,16 @@ impl Proxy {
         app_auth: Option<AppAuth>,
         access_log: bool,
         connect_timeout: Duration,
+        tls: Arc<rustls::ClientConfig>,
     ) -> Proxy {
         let router = Router::new(&routes.iter().map(|r| r.config.clone()).collect::<Vec<_>>());
+        // The fast path's HTTP/1.1 connections offer only HTTP/1.1 by ALPN.
+        let mut fast_tls = (*tls).clone();
+        fast_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let fast_tls = Arc::new(fast_tls);
         let pools = routes
             .iter()
-            .map(|r| {
-                let up = &r.config.upstream;
-                (up.scheme == http::uri::Scheme::HTTP).then(|| Pool::new(&up.authority))
-            })
+            .map(|r| Pool::for_route(&r.config, &fast_tls))
             .collect();
         Proxy {
             routes,

@@ -69,7 +69,8 @@ pub async fn source(config: &Config) -> Arc<dyn SecretSource> {
 /// Runs the proxy until `shutdown` resolves, then drains.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let client = forward::client(config.connect_timeout, config.ca_bundle.as_deref())?;
+    let tls = forward::tls_config(config.ca_bundle.as_deref())?;
+    let client = forward::client_with(config.connect_timeout, tls.clone());
     let app_listener = bind("listen", config.listen).await?;
     let admin_listener = bind("admin_listen", config.admin_listen).await?;
     let app_addr = app_listener.local_addr().map_err(|source| RunError::Bind {
@@ -106,6 +107,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.app_auth.clone(),
         config.access_log,
         config.connect_timeout,
+        Arc::new(tls),
     ));
     let admin_state = Arc::new(AdminState {
         cache: cache.clone(),

@@ -92,22 +92,22 @@ async fn tls_upstream(
     (addr, task)
 }
 
-fn config(upstream: &str, ca_bundle: Option<&std::path::Path>) -> String {
+fn config(upstream: &str, ca_bundle: Option<&std::path::Path>, extra: &str) -> String {
     let ca = ca_bundle
         .map(|p| format!("ca_bundle = \"{}\"\n", p.display()))
         .unwrap_or_default();
     format!(
-        "{ca}[source]\ntype = \"file\"\npath = \"{}\"\n[[route]]\nname = \"tls\"\npath_prefix = \"/tls\"\nupstream = \"{upstream}\"\nsecret_id = \"api\"\n",
+        "{ca}[source]\ntype = \"file\"\npath = \"{}\"\n[[route]]\nname = \"tls\"\npath_prefix = \"/tls\"\nupstream = \"{upstream}\"\nsecret_id = \"api\"\n{extra}\n",
         "SECRETS"
     )
 }
 
-fn start(upstream: &str, ca_bundle: Option<&std::path::Path>) -> KeyProxy {
+fn start(upstream: &str, ca_bundle: Option<&std::path::Path>, extra: &str) -> KeyProxy {
     let dir = scratch("tls");
     let secrets = dir.join("secrets.json");
     std::fs::write(&secrets, r#"{"api": "tls-key-1"}"#).expect("write");
     KeyProxy::start(
-        &config(upstream, ca_bundle).replace("SECRETS", &secrets.display().to_string()),
+        &config(upstream, ca_bundle, extra).replace("SECRETS", &secrets.display().to_string()),
         &[],
     )
 }
@@ -119,7 +119,7 @@ async fn https_upstream_with_private_ca_speaks_http2_when_offered() {
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).expect("write ca");
     let (addr, _task) = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await;
-    let kp = start(&format!("https://localhost:{}", addr.port()), Some(&ca));
+    let kp = start(&format!("https://localhost:{}", addr.port()), Some(&ca), "");
     kp.wait_ready(Duration::from_secs(10)).await;
     let r = http::get(&kp.url("/tls/v1/ping")).await.expect("get");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -138,7 +138,7 @@ async fn https_upstream_offering_only_http1_gets_http1() {
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).expect("write ca");
     let (addr, _task) = tls_upstream(&pki, &[b"http/1.1"]).await;
-    let kp = start(&format!("https://127.0.0.1:{}", addr.port()), Some(&ca));
+    let kp = start(&format!("https://127.0.0.1:{}", addr.port()), Some(&ca), "");
     kp.wait_ready(Duration::from_secs(10)).await;
     let r = http::get(&kp.url("/tls/a")).await.expect("get");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -150,7 +150,7 @@ async fn untrusted_certificate_is_a_502_naming_the_cause() {
     let pki = pki();
     let (addr, _task) = tls_upstream(&pki, &[b"http/1.1"]).await;
     // No ca_bundle: the private CA is not trusted.
-    let kp = start(&format!("https://localhost:{}", addr.port()), None);
+    let kp = start(&format!("https://localhost:{}", addr.port()), None, "");
     kp.wait_ready(Duration::from_secs(10)).await;
     let r = http::get(&kp.url("/tls/a")).await.expect("get");
     assert_eq!(r.status, 502);
@@ -160,4 +160,44 @@ async fn untrusted_certificate_is_a_502_naming_the_cause() {
         .expect("message")
         .to_lowercase();
     assert!(msg.contains("certificate"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_false_speaks_http1_over_tls_on_the_fast_path() {
+    let pki = pki();
+    let dir = scratch("tls-ca-fast");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).expect("write ca");
+    // The upstream prefers HTTP/2; with `http2 = false` keyproxy offers only HTTP/1.1.
+    let (addr, _task) = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await;
+    let kp = start(
+        &format!("https://localhost:{}", addr.port()),
+        Some(&ca),
+        "http2 = false",
+    );
+    kp.wait_ready(Duration::from_secs(10)).await;
+    for i in 0..5 {
+        let r = http::get(&kp.url(&format!("/tls/v1/n{i}")))
+            .await
+            .expect("get");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), format!("HTTP/1.1 /v1/n{i} Bearer tls-key-1"));
+    }
+    kp.assert_no_leak(&["tls-key-1"]);
+
+    // Untrusted: the same 502 naming the certificate as on the general path.
+    let kp = start(
+        &format!("https://localhost:{}", addr.port()),
+        None,
+        "http2 = false",
+    );
+    kp.wait_ready(Duration::from_secs(10)).await;
+    let r = http::get(&kp.url("/tls/a")).await.expect("get");
+    assert_eq!(r.status, 502);
+    assert_eq!(r.headers["x-keyproxy-error"], "upstream_unreachable");
+    let msg = r.json()["message"]
+        .as_str()
+        .expect("message")
+        .to_lowercase();
+    assert!(msg.contains("tls") && msg.contains("certificate"), "{msg}");
 }
