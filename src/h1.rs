@@ -877,6 +877,10 @@ impl Conn<'_> {
                 }
             }
         }
+        // TLS may hold the last records back until flushed (plain TCP: nothing to do).
+        timed(&mut self.deadline, conn.flush())
+            .await
+            .map_err(|()| Failure::Timeout)??;
         loop {
             if self.up.capacity() - self.up.len() < 2048 {
                 self.up.reserve(KEEP_BUF);
