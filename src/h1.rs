@@ -1564,6 +1564,95 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any chunked body, split anywhere: the end is found exactly where it is.
+        #[test]
+        fn chunked_end_is_found_for_any_body_and_split(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..300), 0..8),
+            ext in proptest::bool::ANY,
+            trailers in proptest::collection::vec("[a-z]{1,8}: [a-z0-9]{0,8}", 0..3),
+            piece in 1usize..64,
+        ) {
+            let mut body = Vec::new();
+            for c in &chunks {
+                body.extend_from_slice(format!("{:x}", c.len()).as_bytes());
+                if ext {
+                    body.extend_from_slice(b";name=value");
+                }
+                body.extend_from_slice(b"\r\n");
+                body.extend_from_slice(c);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n");
+            for t in &trailers {
+                body.extend_from_slice(t.as_bytes());
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"\r\n");
+            let end = body.len();
+            body.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            proptest::prop_assert_eq!(scan_in_pieces(&body, piece), Ok(Some(end)));
+        }
+
+        /// Response heads with any mix of framing and hop-by-hop headers: no panic; a head that
+        /// parses is rewritten well-formed, without hop-by-hop headers (bar the framing's own).
+        #[test]
+        fn response_heads_with_any_headers(
+            headers in proptest::collection::vec((
+                proptest::prop_oneof![
+                    proptest::strategy::Just("Connection".to_owned()),
+                    proptest::strategy::Just("Keep-Alive".to_owned()),
+                    proptest::strategy::Just("Transfer-Encoding".to_owned()),
+                    proptest::strategy::Just("Content-Length".to_owned()),
+                    proptest::strategy::Just("TE".to_owned()),
+                    proptest::strategy::Just("Trailer".to_owned()),
+                    proptest::strategy::Just("Upgrade".to_owned()),
+                    proptest::strategy::Just("Proxy-Authenticate".to_owned()),
+                    "[a-zA-Z][a-zA-Z-]{0,11}",
+                ],
+                proptest::prop_oneof![
+                    proptest::strategy::Just("chunked".to_owned()),
+                    proptest::strategy::Just("gzip, chunked".to_owned()),
+                    proptest::strategy::Just("close".to_owned()),
+                    proptest::strategy::Just("keep-alive, x-a".to_owned()),
+                    "[0-9]{1,5}",
+                    "[ -~]{0,20}",
+                ],
+            ), 0..8),
+            status in 100u16..600,
+            head in proptest::bool::ANY,
+            close in proptest::bool::ANY,
+        ) {
+            let mut input = format!("HTTP/1.1 {status} Reason\r\n").into_bytes();
+            for (n, v) in &headers {
+                input.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+            }
+            input.extend_from_slice(b"\r\n");
+            let mut out = Vec::new();
+            if let Ok(Some(h)) = response_head(&input, &mut out, head, close) {
+                proptest::prop_assert_eq!(h.len, input.len());
+                proptest::prop_assert_eq!(h.status, status);
+                proptest::prop_assert!(out.ends_with(b"\r\n\r\n"));
+                let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+                let lines: Vec<&str> = text.trim_end().split("\r\n").skip(1).collect();
+                for line in &lines {
+                    let name = line.split(':').next().unwrap_or("");
+                    let allowed = (*line == "transfer-encoding: chunked"
+                        && h.framing == Framing::Chunked)
+                        || *line == "connection: close";
+                    proptest::prop_assert!(!hop_by_hop(name) || allowed, "{}", line);
+                }
+                let closes = lines.iter().filter(|l| **l == "connection: close").count();
+                proptest::prop_assert_eq!(closes, usize::from(close || h.framing == Framing::UntilClose));
+                if h.framing == Framing::UntilClose {
+                    proptest::prop_assert!(!h.keep_alive);
+                }
+            }
+        }
+    }
+
     #[test]
     fn hop_by_hop_names() {
         for n in [
