@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
@@ -80,7 +80,17 @@ async fn tls_upstream(
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-")
                         .to_owned();
-                    let body = format!("{:?} {} {auth}", req.version(), req.uri().path());
+                    let version = req.version();
+                    let path = req.uri().path().to_owned();
+                    let len = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_or(0, |b| b.to_bytes().len());
+                    let mut body = format!("{version:?} {path} {auth}");
+                    if len > 0 {
+                        body.push_str(&format!(" {len} bytes"));
+                    }
                     Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -182,6 +192,17 @@ async fn http2_false_speaks_http1_over_tls_on_the_fast_path() {
             .expect("get");
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.text(), format!("HTTP/1.1 /v1/n{i} Bearer tls-key-1"));
+    }
+    // Bodies of every size go through whole, the large one streamed after its head.
+    for size in [10usize, 100_000, 3_000_000] {
+        let r = http::send("POST", &kp.url("/tls/upload"), &[], "x".repeat(size))
+            .await
+            .expect("post");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.text(),
+            format!("HTTP/1.1 /upload Bearer tls-key-1 {size} bytes")
+        );
     }
     kp.assert_no_leak(&["tls-key-1"]);
 
