@@ -76,12 +76,7 @@ impl ProxyError {
 
     /// The response for this error, from `route` (if one matched).
     pub fn to_response(&self, route: Option<&str>) -> Response<RespBody> {
-        let body = json!({
-            "error": self.kind(),
-            "message": self.to_string(),
-            "route": route,
-        });
-        let mut resp = Response::new(RespBody::full(Bytes::from(body.to_string() + "\n")));
+        let mut resp = Response::new(RespBody::full(Bytes::from(self.body(route))));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(
@@ -102,6 +97,16 @@ impl ProxyError {
         resp
     }
 
+    /// The JSON body: `{"error": kind, "message": ..., "route": ...}` and a newline.
+    fn body(&self, route: Option<&str>) -> String {
+        let body = json!({
+            "error": self.kind(),
+            "message": self.to_string(),
+            "route": route,
+        });
+        body.to_string() + "\n"
+    }
+
     /// The raw HTTP/1.1 bytes of this error with `Connection: close`, for answering a connection
     /// before any HTTP parsing (over `max_connections`).
     pub fn raw_http1(&self) -> Vec<u8> {
@@ -111,13 +116,7 @@ impl ProxyError {
     /// The raw HTTP/1.1 response for this error from `route`, the same as [`Self::to_response`];
     /// with `Connection: close` when `close`.
     pub fn http1(&self, route: Option<&str>, close: bool) -> Vec<u8> {
-        let body = json!({
-            "error": self.kind(),
-            "message": self.to_string(),
-            "route": route,
-        })
-        .to_string()
-            + "\n";
+        let body = self.body(route);
         format!(
             "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncache-control: no-store\r\n{ERROR_HEADER}: {}\r\ncontent-length: {}\r\n{}\r\n{body}",
             self.status().as_u16(),

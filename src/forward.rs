@@ -102,22 +102,21 @@ pub fn client_with(connect_timeout: Duration, tls: rustls::ClientConfig) -> Upst
         .build(https)
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
-/// proxy-only ones. Never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-];
-
-/// Whether `name` is hop-by-hop in itself (whatever the `Connection` header lists).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name.as_str() == "proxy-connection"
+/// Whether a header is hop-by-hop in itself (whatever the `Connection` header lists): it
+/// describes one connection, not the message (RFC 9110 §7.6.1), or is proxy-only. Never
+/// forwarded as such in either direction, by either path. Any case; the length rules out most
+/// names without a comparison.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    match name.len() {
+        2 => name.eq_ignore_ascii_case("te"),
+        7 => name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("trailer"),
+        10 => name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive"),
+        16 => name.eq_ignore_ascii_case("proxy-connection"),
+        17 => name.eq_ignore_ascii_case("transfer-encoding"),
+        18 => name.eq_ignore_ascii_case("proxy-authenticate"),
+        19 => name.eq_ignore_ascii_case("proxy-authorization"),
+        _ => false,
+    }
 }
 
 /// Removes hop-by-hop headers, and any header the `Connection` header names.
@@ -128,7 +127,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut found: Vec<HeaderName> = Vec::new();
     for (name, value) in headers.iter() {
-        if !is_hop_by_hop(name) {
+        if !is_hop_by_hop(name.as_str()) {
             continue;
         }
         if name == header::CONNECTION {

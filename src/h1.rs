@@ -37,6 +37,7 @@ use rustls::pki_types::ServerName;
 use crate::cache::Loaded;
 use crate::config::RouteConfig;
 use crate::error::ProxyError;
+use crate::forward::is_hop_by_hop;
 use crate::inject::{set_query, Credential, Injection};
 use crate::proxy::{Proxy, Route};
 use crate::route::check_path;
@@ -1135,35 +1136,16 @@ enum Header {
 }
 
 fn request_header(name: &str) -> Header {
-    // Most names are neither: a length check rules them out without comparing.
+    // Most names are none of these: a length check rules them out without comparing.
     match name.len() {
-        2 if name.eq_ignore_ascii_case("te") => Header::Drop,
         4 if name.eq_ignore_ascii_case("host") => Header::Drop,
         6 if name.eq_ignore_ascii_case("expect") => Header::Refuse,
         7 if name.eq_ignore_ascii_case("upgrade") => Header::Refuse,
-        7 if name.eq_ignore_ascii_case("trailer") => Header::Drop,
         10 if name.eq_ignore_ascii_case("connection") => Header::Connection,
-        10 if name.eq_ignore_ascii_case("keep-alive") => Header::Drop,
         14 if name.eq_ignore_ascii_case("content-length") => Header::ContentLength,
-        16 if name.eq_ignore_ascii_case("proxy-connection") => Header::Drop,
         17 if name.eq_ignore_ascii_case("transfer-encoding") => Header::Refuse,
-        18 if name.eq_ignore_ascii_case("proxy-authenticate") => Header::Drop,
-        19 if name.eq_ignore_ascii_case("proxy-authorization") => Header::Drop,
+        _ if is_hop_by_hop(name) => Header::Drop,
         _ => Header::Forward,
-    }
-}
-
-/// Whether a response header is hop-by-hop (never relayed as such).
-fn hop_by_hop(name: &str) -> bool {
-    match name.len() {
-        2 => name.eq_ignore_ascii_case("te"),
-        7 => name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("trailer"),
-        10 => name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive"),
-        16 => name.eq_ignore_ascii_case("proxy-connection"),
-        17 => name.eq_ignore_ascii_case("transfer-encoding"),
-        18 => name.eq_ignore_ascii_case("proxy-authenticate"),
-        19 => name.eq_ignore_ascii_case("proxy-authorization"),
-        _ => false,
     }
 }
 
@@ -1294,7 +1276,7 @@ fn response_head(
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
-        if hop_by_hop(h.name) || (named && named_by_connection(resp.headers, h.name)) {
+        if is_hop_by_hop(h.name) || (named && named_by_connection(resp.headers, h.name)) {
             continue;
         }
         if transfer && h.name.eq_ignore_ascii_case("content-length") {
@@ -1642,7 +1624,7 @@ mod tests {
                     let allowed = (*line == "transfer-encoding: chunked"
                         && h.framing == Framing::Chunked)
                         || *line == "connection: close";
-                    proptest::prop_assert!(!hop_by_hop(name) || allowed, "{}", line);
+                    proptest::prop_assert!(!is_hop_by_hop(name) || allowed, "{}", line);
                 }
                 let closes = lines.iter().filter(|l| **l == "connection: close").count();
                 proptest::prop_assert_eq!(closes, usize::from(close || h.framing == Framing::UntilClose));
@@ -1666,7 +1648,7 @@ mod tests {
             "proxy-authorization",
             "Proxy-Connection",
         ] {
-            assert!(hop_by_hop(n), "{n}");
+            assert!(is_hop_by_hop(n), "{n}");
         }
         for n in [
             "content-length",
@@ -1674,7 +1656,7 @@ mod tests {
             "authorization",
             "upgrade-insecure",
         ] {
-            assert!(!hop_by_hop(n), "{n}");
+            assert!(!is_hop_by_hop(n), "{n}");
         }
     }
 }
