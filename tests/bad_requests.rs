@@ -523,18 +523,7 @@ async fn hold_keepalive_connections(n: usize) -> u64 {
         200
     );
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let open = sum_metric(&kp.metrics().await, "keyproxy_connections", &[]);
-        if open == 0.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{open} connections still counted after close"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    kp.wait_no_connections(Duration::from_secs(20)).await;
     eprintln!("all closed: keyproxy RSS {} KiB", rss_kib(kp.pid()));
     kp.assert_nowhere(&["load-key"]).await;
     growth

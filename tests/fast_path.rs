@@ -180,6 +180,11 @@ async fn read_response(s: &mut TcpStream, body_len: usize) -> (String, Vec<u8>) 
     }
 }
 
+/// The request target of a request head.
+fn target(head: &str) -> &str {
+    head.split(' ').nth(1).unwrap_or("")
+}
+
 fn ok(body: &str) -> (Act, Vec<u8>) {
     (
         Act::Answer,
@@ -194,8 +199,7 @@ fn ok(body: &str) -> (Act, Vec<u8>) {
 #[tokio::test]
 async fn every_response_framing_is_relayed_intact() {
     let up = Raw::start(|_, _, head| {
-        let path = head.split(' ').nth(1).unwrap_or("");
-        match path {
+        match target(head) {
             "/chunked" => (
                 Act::Answer,
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
@@ -309,26 +313,22 @@ async fn every_response_framing_is_relayed_intact() {
 
 #[tokio::test]
 async fn broken_upstream_answers_are_502_naming_the_cause() {
-    let up = Raw::start(|_, _, head| {
-        let path = head.split(' ').nth(1).unwrap_or("");
-        match path {
-            "/two-lengths" => (
-                Act::Answer,
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".to_vec(),
-            ),
-            "/garbage" => (Act::AnswerClose, b"SSH-2.0-OpenSSH\r\n\r\n".to_vec()),
-            "/silent-close" => (Act::Drop, Vec::new()),
-            "/bad-chunk" => (
-                Act::AnswerClose,
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
-            ),
-            "/bad-chunk-later" => (
-                Act::Split(57),
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
-                    .to_vec(),
-            ),
-            _ => ok("fine"),
-        }
+    let up = Raw::start(|_, _, head| match target(head) {
+        "/two-lengths" => (
+            Act::Answer,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".to_vec(),
+        ),
+        "/garbage" => (Act::AnswerClose, b"SSH-2.0-OpenSSH\r\n\r\n".to_vec()),
+        "/silent-close" => (Act::Drop, Vec::new()),
+        "/bad-chunk" => (
+            Act::AnswerClose,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+        ),
+        "/bad-chunk-later" => (
+            Act::Split(57),
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n".to_vec(),
+        ),
+        _ => ok("fine"),
     })
     .await;
     let kp = proxy_to(&up.url(), "").await;

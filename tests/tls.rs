@@ -102,6 +102,13 @@ async fn tls_upstream(
     (addr, task)
 }
 
+/// The private CA's certificate in a scratch file, for `ca_bundle`.
+fn ca_file(pki: &Pki) -> std::path::PathBuf {
+    let ca = scratch("tls-ca").join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).expect("write ca");
+    ca
+}
+
 fn config(upstream: &str, ca_bundle: Option<&std::path::Path>, extra: &str) -> String {
     let ca = ca_bundle
         .map(|p| format!("ca_bundle = \"{}\"\n", p.display()))
@@ -125,9 +132,7 @@ fn start(upstream: &str, ca_bundle: Option<&std::path::Path>, extra: &str) -> Ke
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstream_with_private_ca_speaks_http2_when_offered() {
     let pki = pki();
-    let dir = scratch("tls-ca");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).expect("write ca");
+    let ca = ca_file(&pki);
     let (addr, _task) = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await;
     let kp = start(&format!("https://localhost:{}", addr.port()), Some(&ca), "");
     kp.wait_ready(Duration::from_secs(10)).await;
@@ -144,9 +149,7 @@ async fn https_upstream_with_private_ca_speaks_http2_when_offered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstream_offering_only_http1_gets_http1() {
     let pki = pki();
-    let dir = scratch("tls-ca1");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).expect("write ca");
+    let ca = ca_file(&pki);
     let (addr, _task) = tls_upstream(&pki, &[b"http/1.1"]).await;
     let kp = start(&format!("https://127.0.0.1:{}", addr.port()), Some(&ca), "");
     kp.wait_ready(Duration::from_secs(10)).await;
@@ -175,9 +178,7 @@ async fn untrusted_certificate_is_a_502_naming_the_cause() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_false_speaks_http1_over_tls_on_the_fast_path() {
     let pki = pki();
-    let dir = scratch("tls-ca-fast");
-    let ca = dir.join("ca.pem");
-    std::fs::write(&ca, &pki.ca_pem).expect("write ca");
+    let ca = ca_file(&pki);
     // The upstream prefers HTTP/2; with `http2 = false` keyproxy offers only HTTP/1.1.
     let (addr, _task) = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await;
     let kp = start(
