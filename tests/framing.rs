@@ -1133,8 +1133,8 @@ fn follow_up_request(path: &str) -> Vec<u8> {
 }
 
 /// The follow-up requests (sent now unless already pipelined): each gets its genuine answer, or
-/// the connection is closed.
-async fn follow_ups(app: &mut App, send: bool) -> Result<(), String> {
+/// the connection is closed; after each sent one, nothing more comes within `quiet`.
+async fn follow_ups(app: &mut App, send: bool, quiet: Duration) -> Result<(), String> {
     for (path, body) in FOLLOW_UPS {
         if send && !app.send(&follow_up_request(path)).await {
             return Ok(());
@@ -1150,7 +1150,7 @@ async fn follow_ups(app: &mut App, send: bool) -> Result<(), String> {
             }
         }
         if send {
-            match app.quiet(Duration::from_millis(100)).await {
+            match app.quiet(quiet).await {
                 Ok(true) => {}
                 Ok(false) => return Ok(()),
                 Err(extra) => {
@@ -1183,10 +1183,14 @@ async fn hostile_response(addr: SocketAddr, engine: Engine, c: &Case) -> Result<
     }
     if let Got::Message(_) = got {
         if c.pipelined {
-            problems.extend(follow_ups(&mut app, false).await.err());
+            problems.extend(follow_ups(&mut app, false, Duration::ZERO).await.err());
         } else {
             match app.quiet(Duration::from_millis(200)).await {
-                Ok(true) => problems.extend(follow_ups(&mut app, true).await.err()),
+                Ok(true) => problems.extend(
+                    follow_ups(&mut app, true, Duration::from_millis(100))
+                        .await
+                        .err(),
+                ),
                 Ok(false) => {}
                 Err(extra) => problems.push(format!(
                     "bytes nobody asked for after the response: {}",
@@ -2716,8 +2720,9 @@ async fn check_generated(addr: SocketAddr, g: &Gen, path: &str) -> Result<(), St
         (Some(f), other) => return Err(format!("a response with {f:?} got {}", other.describe())),
     }
     if matches!(got, Got::Message(_)) {
-        match app.quiet(Duration::from_millis(100)).await {
-            Ok(true) => follow_ups(&mut app, true).await?,
+        // Short waits: a few hundred cases run here.
+        match app.quiet(Duration::from_millis(50)).await {
+            Ok(true) => follow_ups(&mut app, true, Duration::from_millis(20)).await?,
             Ok(false) => {}
             Err(extra) => return Err(format!("bytes nobody asked for: {}", show(&extra))),
         }
