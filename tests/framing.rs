@@ -2135,6 +2135,20 @@ async fn requests_without_exactly_one_valid_host_are_400_and_not_forwarded() {
         &[400, 404],
         Never,
     ));
+    cases.extend(on_both(
+        "absolute form without Host",
+        "GET http://api.example.test/x HTTP/1.1",
+        "",
+        &[400],
+        Never,
+    ));
+    cases.extend(on_both(
+        "a space before the colon of Host",
+        "GET /api/x HTTP/1.1",
+        "Host : app.test\r\n",
+        &[400],
+        Never,
+    ));
     // HTTP/1.0 needs no Host: forwarded, with the upstream's.
     cases.push(hostile(
         "HTTP/1.0 without Host",
@@ -2234,6 +2248,27 @@ async fn malformed_request_heads_are_refused_and_nothing_is_forwarded() {
         line,
         &format!("Host: app.test\r\nX-Big: {}\r\n", "a".repeat(70 * 1024)),
         &[431],
+        Never,
+    ));
+    cases.extend(on_both(
+        "two spaces in the request line",
+        "GET  /api/x HTTP/1.1",
+        "Host: app.test\r\n",
+        &[400],
+        Never,
+    ));
+    cases.extend(on_both(
+        "a space after the version",
+        "GET /api/x HTTP/1.1 ",
+        "Host: app.test\r\n",
+        &[400],
+        Never,
+    ));
+    cases.extend(on_both(
+        "asterisk form",
+        "OPTIONS * HTTP/1.1",
+        "Host: app.test\r\n",
+        &[400, 404],
         Never,
     ));
     // RFC 9112 §2.2 lets a recipient take a bare LF as a line end: then what is forwarded is
