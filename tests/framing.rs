@@ -494,7 +494,8 @@ use strict::{Message, Parse};
 /// What the scripted upstream does once it has written an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Then {
-    /// Reads the next request on the connection.
+    /// Reads the next request on the connection (after an early answer, whose request body is
+    /// left unread: as `Hold`).
     Keep,
     /// Closes the connection.
     Close,
