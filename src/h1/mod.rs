@@ -20,33 +20,32 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
-use tokio::time::Sleep;
-
-use rustls::pki_types::ServerName;
 
 use crate::cache::Loaded;
-use crate::config::RouteConfig;
+use crate::drain::Drain;
 use crate::error::ProxyError;
 use crate::forward::is_hop_by_hop;
 use crate::inject::{set_query, Credential, Injection};
-use crate::proxy::{Proxy, Route};
+use crate::pool::Upstream;
 use crate::route::check_path;
+use crate::routes::{Route, Routes};
 
 mod chunked;
-use crate::limits::{HEAD_TIMEOUT, LINGER, LINGER_BYTES, MAX_HEADERS, MAX_HEADER_BYTES, POOL_IDLE};
+mod rewind;
+mod timer;
 
-/// Most idle upstream connections kept per route.
-const POOL_MAX: usize = 1024;
+use crate::limits::{HEAD_TIMEOUT, LINGER, LINGER_BYTES, MAX_HEADERS, MAX_HEADER_BYTES};
+pub use rewind::Rewind;
+use timer::{timed, Deadline};
+
 /// Request bodies up to this size are read before sending even without `retry_on_401`.
 const SMALL_BODY: u64 = 64 * 1024;
 /// Bytes read at a time while relaying a body: the upstream buffer grows to this once and is
@@ -60,199 +59,6 @@ const KEEP_BUF: usize = 16 * 1024;
 /// kept per connection, so it stays small).
 const COALESCE: usize = 4 * 1024;
 
-/// The shutdown signal shared by every app connection.
-#[derive(Debug, Default)]
-pub struct Drain {
-    started: AtomicBool,
-    notify: Notify,
-}
-
-impl Drain {
-    /// Starts draining: idle connections close now, busy ones after their current response.
-    pub fn start(&self) {
-        self.started.store(true, Ordering::Relaxed);
-        self.notify.notify_waiters();
-    }
-
-    /// Whether draining has started.
-    pub fn started(&self) -> bool {
-        self.started.load(Ordering::Relaxed)
-    }
-
-    /// Resolves once draining starts (immediately if it has).
-    pub async fn wait(&self) {
-        let notified = self.notify.notified();
-        if self.started() {
-            return;
-        }
-        notified.await;
-    }
-}
-
-/// A connection to an upstream: plain TCP, or TLS over it.
-#[derive(Debug)]
-enum Upstream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl Upstream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Upstream::Plain(s) => s,
-            Upstream::Tls(s) => s.get_ref().0,
-        }
-    }
-
-    /// Whether an idle connection is still usable: nothing readable (no close, no stray bytes,
-    /// no TLS alert). Uses the readiness the reactor already has, so a quiet connection costs no
-    /// syscall.
-    fn still_open(&self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.tcp().poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Anything arriving on an idle TLS connection ends it (close_notify, or junk).
-            Poll::Ready(Ok(())) if matches!(self, Upstream::Tls(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.tcp().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for Upstream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Upstream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// Idle keep-alive HTTP/1.1 connections to one route's upstream.
-#[derive(Debug)]
-pub struct Pool {
-    /// `host:port`, as `TcpStream::connect` takes it.
-    addr: String,
-    /// For `https://`: the connector (ALPN `http/1.1` only) and the name to verify.
-    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
-    idle: Mutex<Vec<(Upstream, Instant)>>,
-}
-
-impl Pool {
-    /// The fast path's pool for a route, if the route takes the fast path: a plain-http upstream,
-    /// or an https one with `http2 = false`. `tls` offers only HTTP/1.1 by ALPN.
-    pub fn for_route(route: &RouteConfig, tls: &Arc<rustls::ClientConfig>) -> Option<Pool> {
-        let up = &route.upstream;
-        let host = up.authority.host();
-        let (tls, default_port) = if up.scheme == http::uri::Scheme::HTTP {
-            (None, 80)
-        } else if up.scheme == http::uri::Scheme::HTTPS && !route.http2 {
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
-            let name = ServerName::try_from(bare.to_owned()).ok()?;
-            (Some((tls.clone(), name)), 443)
-        } else {
-            return None;
-        };
-        let addr = match up.authority.port_u16() {
-            Some(_) => up.authority.as_str().to_owned(),
-            None => format!("{host}:{default_port}"),
-        };
-        Some(Pool {
-            addr,
-            tls,
-            idle: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// The newest idle connection that is still open.
-    fn checkout(&self) -> Option<Upstream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() < POOL_IDLE && conn.still_open() {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    /// Keeps `conn` for the next request; drops the oldest one if it has idled too long.
-    fn checkin(&self, conn: Upstream) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle
-            .first()
-            .is_some_and(|(_, since)| since.elapsed() >= POOL_IDLE)
-        {
-            idle.remove(0);
-        }
-        if idle.len() < POOL_MAX {
-            idle.push((conn, Instant::now()));
-        }
-    }
-
-    /// A new connection (TCP, then TLS for https), within `timeout` in all.
-    async fn connect(&self, timeout: Duration) -> Result<Upstream, ProxyError> {
-        let connect = async {
-            let tcp = TcpStream::connect(&self.addr).await.map_err(|e| {
-                ProxyError::Unreachable(format!("cannot connect to {}: {e}", self.addr))
-            })?;
-            let _ = tcp.set_nodelay(true);
-            let Some((config, name)) = &self.tls else {
-                return Ok(Upstream::Plain(tcp));
-            };
-            let connector = tokio_rustls::TlsConnector::from(config.clone());
-            let tls = connector.connect(name.clone(), tcp).await.map_err(|e| {
-                ProxyError::Unreachable(crate::error::with_causes(
-                    format!("TLS handshake with the upstream {} failed", self.addr),
-                    Some(&e),
-                ))
-            })?;
-            Ok(Upstream::Tls(Box::new(tls)))
-        };
-        match tokio::time::timeout(timeout, connect).await {
-            Ok(r) => r,
-            Err(_) => Err(ProxyError::Unreachable(format!(
-                "cannot connect to {}: no answer within {}",
-                self.addr,
-                humantime::format_duration(timeout)
-            ))),
-        }
-    }
-}
-
 /// How an app connection ended on the fast path.
 #[derive(Debug)]
 pub enum Served {
@@ -261,119 +67,6 @@ pub enum Served {
     /// A request the fast path does not take: hyper serves the rest of the connection, starting
     /// with these bytes already read from it.
     Handoff(TcpStream, Bytes),
-}
-
-/// An app connection handed to hyper: the bytes the fast path already read come first.
-#[derive(Debug)]
-pub struct Rewind {
-    prefix: Bytes,
-    inner: TcpStream,
-}
-
-impl Rewind {
-    /// `inner`, with `prefix` read before anything still in the socket.
-    pub fn new(inner: TcpStream, prefix: Bytes) -> Rewind {
-        Rewind { prefix, inner }
-    }
-}
-
-impl tokio::io::AsyncRead for Rewind {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Rewind {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// A deadline that costs a timer-wheel update only when it fires or moves earlier; moving it
-/// later (once per request) just stores an `Instant`.
-struct Deadline {
-    sleep: Option<Pin<Box<Sleep>>>,
-    at: Instant,
-}
-
-impl Deadline {
-    fn new() -> Deadline {
-        Deadline {
-            sleep: None,
-            at: Instant::now(),
-        }
-    }
-
-    fn set(&mut self, at: Instant) {
-        self.at = at;
-        if let Some(s) = &mut self.sleep {
-            if s.deadline().into_std() > at {
-                s.as_mut().reset(at.into());
-            }
-        }
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let at = self.at;
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
-        loop {
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            if Instant::now() >= self.at {
-                return Poll::Ready(());
-            }
-            sleep.as_mut().reset(self.at.into());
-        }
-    }
-}
-
-/// `fut`, or `Err(())` once `deadline` passes.
-async fn timed<F: Future>(deadline: &mut Deadline, fut: F) -> Result<F::Output, ()> {
-    let mut fut = pin!(fut);
-    poll_fn(|cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Ok(v));
-        }
-        deadline.poll(cx).map(|()| Err(()))
-    })
-    .await
 }
 
 /// What the parsed head of an app request says to do.
@@ -436,7 +129,7 @@ enum ReqBody {
 
 /// One app connection on the fast path.
 struct Conn<'p> {
-    proxy: &'p Proxy,
+    routes: &'p Routes,
     app: TcpStream,
     /// Bytes read from the app and not yet used.
     buf: BytesMut,
@@ -456,9 +149,9 @@ struct Conn<'p> {
 }
 
 /// Serves `app` on the fast path until it closes or a request needs the general path.
-pub async fn serve(proxy: &Proxy, app: TcpStream, drain: &Drain) -> Served {
+pub async fn serve(routes: &Routes, app: TcpStream, drain: &Drain) -> Served {
     let mut conn = Conn {
-        proxy,
+        routes,
         app,
         buf: BytesMut::new(),
         up: BytesMut::new(),
@@ -549,7 +242,7 @@ impl Conn<'_> {
 
     /// Parses the buffered head and decides whether and how the fast path forwards it.
     fn plan(&mut self) -> Parsed {
-        let proxy = self.proxy;
+        let routes = self.routes;
         let mut storage = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let head_len = match req.parse_with_uninit_headers(&self.buf, &mut storage) {
@@ -567,12 +260,12 @@ impl Conn<'_> {
             Some((p, q)) => (p, Some(q)),
             None => (target, None),
         };
-        let Some(m) = proxy.router.by_path(path) else {
+        let Some(m) = routes.router.by_path(path) else {
             return Parsed::Handoff;
         };
         let strip = path.len() - m.rest.len();
-        let route = &proxy.routes[m.route];
-        if proxy.pools[m.route].is_none() || check_path(path).is_err() {
+        let route = &routes.list[m.route];
+        if route.pool.is_none() || check_path(path).is_err() {
             return Parsed::Handoff;
         }
         let Some(loaded) = route.slot.entry.current() else {
@@ -585,7 +278,7 @@ impl Conn<'_> {
             Injection::Header { name, .. } => Some(name.as_str()),
             Injection::Query { .. } => None,
         };
-        let app_auth = proxy.app_auth.as_ref();
+        let app_auth = routes.app_auth.as_ref();
         let mut token_ok = app_auth.is_none();
         let mut token_seen = false;
         let mut length: Option<u64> = None;
@@ -674,8 +367,8 @@ impl Conn<'_> {
 
     /// Forwards one planned request and relays the answer.
     async fn exchange(&mut self, plan: Plan, drain: &Drain) -> Step {
-        let proxy = self.proxy;
-        let route = &proxy.routes[plan.route];
+        let routes = self.routes;
+        let route = &routes.list[plan.route];
         let start = Instant::now();
         self.buf.advance(plan.head_len);
 
@@ -716,7 +409,7 @@ impl Conn<'_> {
                 Err(e) => break Err(e),
             };
             if answer.head.status == 401 && replayable && !replayed {
-                if let Some(fresh) = proxy.fresher(route, &loaded).await {
+                if let Some(fresh) = route.fresher(&loaded).await {
                     // The 401's connection is dropped with its unread body.
                     drop(answer);
                     self.up.clear();
@@ -766,7 +459,7 @@ impl Conn<'_> {
             }
         };
         route.metrics.answered(status);
-        if proxy.access_log {
+        if routes.access_log {
             tracing::info!(target: "keyproxy::access", route = route.config.name.as_str(),
                 method = %String::from_utf8_lossy(&self.method),
                 path = %String::from_utf8_lossy(&self.path), status,
@@ -791,7 +484,8 @@ impl Conn<'_> {
         body: &ReqBody,
         drain: &Drain,
     ) -> Result<Answer, ProxyError> {
-        let pool = self.proxy.pools[plan.route]
+        let pool = route
+            .pool
             .as_ref()
             .ok_or_else(|| ProxyError::BadRequest("no plain-http pool for this route".into()))?;
         let cred = route
@@ -808,8 +502,11 @@ impl Conn<'_> {
             let pooled = if fresh_only { None } else { pool.checkout() };
             let (mut conn, reused) = match pooled {
                 Some(c) => (c, true),
-                None => match timed(&mut self.deadline, pool.connect(self.proxy.connect_timeout))
-                    .await
+                None => match timed(
+                    &mut self.deadline,
+                    pool.connect(self.routes.connect_timeout),
+                )
+                .await
                 {
                     Ok(Ok(c)) => (c, false),
                     Ok(Err(e)) => break Err(e),
@@ -1105,7 +802,7 @@ impl Conn<'_> {
             body_sent,
             app_unread,
         } = answer;
-        let route = &self.proxy.routes[route_index];
+        let route = &self.routes.list[route_index];
         self.up.advance(head.len);
         let idle = route.config.idle_timeout;
         let reusable = match head.framing {
@@ -1195,7 +892,7 @@ impl Conn<'_> {
         };
         self.up.clear();
         if reusable && body_sent && head.keep_alive {
-            if let Some(pool) = &self.proxy.pools[route_index] {
+            if let Some(pool) = &route.pool {
                 pool.checkin(conn);
             }
         }
