@@ -20,12 +20,16 @@ use serde::Deserialize;
 use crate::inject::{Injection, Template};
 use crate::secrets::aws::AwsSettings;
 
+pub mod defaults;
+
+use defaults::{DurationSetting, MAX_DURATION};
+
 /// Default app-facing listener.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_LISTEN: &str = defaults::LISTEN;
 /// Default admin listener.
-pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+pub const DEFAULT_ADMIN_LISTEN: &str = defaults::ADMIN_LISTEN;
 /// Default header for the app-side token (see [`AppAuth`]).
-pub const DEFAULT_APP_TOKEN_HEADER: &str = "x-keyproxy-token";
+pub const DEFAULT_APP_TOKEN_HEADER: &str = defaults::APP_TOKEN_HEADER;
 
 /// Environment variables that configure a route or the listeners.
 const ROUTE_ENV: &[&str] = &[
@@ -71,23 +75,25 @@ const GLOBAL_ENV: &[&str] = &[
 pub struct Config {
     /// Where the settings came from: the file's path, or `environment`.
     pub origin: String,
-    /// App-facing listener.
+    /// App-facing listener (default [`defaults::LISTEN`]).
     pub listen: SocketAddr,
-    /// Admin listener (`/healthz`, `/readyz`, `/metrics`).
+    /// Admin listener (`/healthz`, `/readyz`, `/metrics`; default [`defaults::ADMIN_LISTEN`]).
     pub admin_listen: SocketAddr,
     /// Where secrets are read.
     pub source: SourceConfig,
     /// The routes, in configuration order.
     pub routes: Vec<RouteConfig>,
-    /// How long in-flight requests may run after SIGTERM before the process exits.
+    /// How long in-flight requests may run after SIGTERM before the process exits
+    /// ([`defaults::DRAIN_TIMEOUT`]).
     pub drain_timeout: Duration,
-    /// Concurrent app connections; one more is answered 503 and closed.
+    /// Concurrent app connections; one more is answered 503 and closed
+    /// ([`defaults::MAX_CONNECTIONS`]).
     pub max_connections: usize,
-    /// Time allowed to connect (TCP + TLS) to an upstream.
+    /// Time allowed to connect (TCP + TLS) to an upstream ([`defaults::CONNECT_TIMEOUT`]).
     pub connect_timeout: Duration,
     /// Extra PEM CA certificates trusted for upstreams, beside the system roots.
     pub ca_bundle: Option<PathBuf>,
-    /// Whether to log one line per request.
+    /// Whether to log one line per request ([`defaults::ACCESS_LOG`]).
     pub access_log: bool,
     /// Require a shared token from the app on every request.
     pub app_auth: Option<AppAuth>,
@@ -135,15 +141,16 @@ pub struct RouteConfig {
     pub upstream: Upstream,
     /// Secrets Manager id (name or ARN).
     pub secret_id: String,
-    /// Staging label read (default `AWSCURRENT`).
+    /// Staging label read (default `AWSCURRENT`, [`defaults::VERSION_STAGE`]).
     pub version_stage: String,
     /// JSON field of the secret's text holding the key; `None`: the whole text.
     pub secret_field: Option<String>,
-    /// Where the key goes.
+    /// Where the key goes ([`defaults::HEADER`], [`defaults::HEADER_VALUE`]).
     pub injection: Injection,
-    /// Background refresh period (± jitter).
+    /// Background refresh period (± jitter; [`defaults::REFRESH_INTERVAL`]).
     pub refresh_interval: Duration,
-    /// Minimum time between two forced (401-triggered) refreshes of the secret.
+    /// Minimum time between two forced (401-triggered) refreshes of the secret
+    /// ([`defaults::REFRESH_COOLDOWN`]).
     pub refresh_cooldown: Duration,
     /// On a 401 that a fresh `AWSCURRENT` cannot fix, try the `AWSPENDING` version (a rotation
     /// between createSecret and finishSecret, with an API that revoked the old key on issue).
@@ -152,11 +159,13 @@ pub struct RouteConfig {
     pub retry_on_401: bool,
     /// Offer HTTP/2 to an `https://` upstream by ALPN (else HTTP/1.1 on the fast path).
     pub http2: bool,
-    /// Request bodies up to this size are kept for a replay; larger ones stream, never replayed.
+    /// Request bodies up to this size are kept for a replay; larger ones stream, never replayed
+    /// ([`defaults::MAX_REPLAY_BODY`], at most [`defaults::MAX_REPLAY_BODY_LIMIT`]).
     pub max_replay_body: u64,
-    /// Time allowed for the upstream's response headers.
+    /// Time allowed for the upstream's response headers ([`defaults::TIMEOUT`]).
     pub timeout: Duration,
-    /// Longest gap allowed between two chunks of the upstream's response body.
+    /// Longest gap allowed between two chunks of the upstream's response body
+    /// ([`defaults::IDLE_TIMEOUT`]).
     pub idle_timeout: Duration,
 }
 
@@ -425,12 +434,14 @@ impl Config {
             let pending_fallback = bool_of("KEYPROXY_PENDING_FALLBACK");
             let http2 = bool_of("KEYPROXY_HTTP2");
             raw.routes = Some(vec![RawRoute {
-                name: Some(get("KEYPROXY_ROUTE_NAME").unwrap_or_else(|| "default".into())),
+                name: Some(
+                    get("KEYPROXY_ROUTE_NAME").unwrap_or_else(|| defaults::ENV_ROUTE_NAME.into()),
+                ),
                 path_prefix: get("KEYPROXY_PATH_PREFIX").or_else(|| {
                     if get("KEYPROXY_HOST").is_some() {
                         None
                     } else {
-                        Some("/".into())
+                        Some(defaults::ENV_PATH_PREFIX.into())
                     }
                 }),
                 host: get("KEYPROXY_HOST"),
@@ -550,17 +561,15 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     }
 }
 
-/// The longest duration any setting takes: far beyond any sensible value, and small enough that
-/// `Instant::now() + d` (idle timeouts) and the refresh jitter (`d * 1.1`) cannot overflow.
-const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
+/// Parses a duration setting: its default when absent; a problem (and the default) when it is
+/// not a duration or lies outside `setting.min..=MAX_DURATION`.
 fn duration(
     problems: &mut Problems,
     key: String,
     v: Option<&str>,
-    default: Duration,
-    min: Duration,
+    setting: DurationSetting,
 ) -> Duration {
+    let DurationSetting { default, min } = setting;
     let Some(v) = v else { return default };
     match humantime::parse_duration(v.trim()) {
         Ok(d) if d < min => {
@@ -621,13 +630,13 @@ fn validate(
         &mut problems,
         g("listen"),
         raw.listen.as_deref(),
-        DEFAULT_LISTEN,
+        defaults::LISTEN,
     );
     let admin_listen = socket_addr(
         &mut problems,
         g("admin_listen"),
         raw.admin_listen.as_deref(),
-        DEFAULT_ADMIN_LISTEN,
+        defaults::ADMIN_LISTEN,
     );
     if listen == admin_listen && listen.port() != 0 {
         problems.add(g("admin_listen"), "must differ from listen");
@@ -636,15 +645,13 @@ fn validate(
         &mut problems,
         g("drain_timeout"),
         raw.drain_timeout.as_deref(),
-        Duration::from_secs(20),
-        Duration::ZERO,
+        defaults::DRAIN_TIMEOUT,
     );
     let connect_timeout = duration(
         &mut problems,
         g("connect_timeout"),
         raw.connect_timeout.as_deref(),
-        Duration::from_secs(5),
-        Duration::from_millis(1),
+        defaults::CONNECT_TIMEOUT,
     );
     let max_connections = match raw.max_connections {
         Some(0) => {
@@ -652,15 +659,18 @@ fn validate(
             1
         }
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
-        None => 4096,
+        None => defaults::MAX_CONNECTIONS,
     };
     let worker_threads = match raw.worker_threads {
         Some(0) => {
             problems.add(g("worker_threads"), "must be at least 1");
             None
         }
-        Some(n) if n > 1024 => {
-            problems.add(g("worker_threads"), "at most 1024");
+        Some(n) if n > defaults::MAX_WORKER_THREADS => {
+            problems.add(
+                g("worker_threads"),
+                format!("at most {}", defaults::MAX_WORKER_THREADS),
+            );
             None
         }
         Some(n) => usize::try_from(n).ok(),
@@ -696,7 +706,7 @@ fn validate(
 
     let source = {
         let raw_src = raw.source.unwrap_or_default();
-        match raw_src.kind.as_deref().unwrap_or("aws") {
+        match raw_src.kind.as_deref().unwrap_or(defaults::SOURCE) {
             "aws" => {
                 if raw_src.path.is_some() {
                     problems.add(g("source.path"), "only the file source takes a path");
@@ -717,17 +727,15 @@ fn validate(
                         &mut problems,
                         g("aws.timeout"),
                         aws.timeout.as_deref(),
-                        Duration::from_secs(5),
-                        Duration::from_millis(10),
+                        defaults::AWS_TIMEOUT,
                     ),
                     connect_timeout: duration(
                         &mut problems,
                         g("aws.connect_timeout"),
                         aws.connect_timeout.as_deref(),
-                        Duration::from_secs(3),
-                        Duration::from_millis(10),
+                        defaults::AWS_CONNECT_TIMEOUT,
                     ),
-                    max_attempts: aws.max_attempts.unwrap_or(2),
+                    max_attempts: aws.max_attempts.unwrap_or(defaults::AWS_MAX_ATTEMPTS),
                 })
             }
             "file" => {
@@ -756,13 +764,13 @@ fn validate(
         let header = match a
             .header
             .as_deref()
-            .unwrap_or(DEFAULT_APP_TOKEN_HEADER)
+            .unwrap_or(defaults::APP_TOKEN_HEADER)
             .parse::<HeaderName>()
         {
             Ok(h) => h,
             Err(_) => {
                 problems.add(g("app_auth.header"), "not a valid header name");
-                HeaderName::from_static(DEFAULT_APP_TOKEN_HEADER)
+                HeaderName::from_static(defaults::APP_TOKEN_HEADER)
             }
         };
         let token = match (&a.token_env, &a.token_file) {
@@ -792,8 +800,14 @@ fn validate(
                 None
             }
         }?;
-        if token.len() < 16 {
-            problems.add(g("app_auth"), "the token must be at least 16 characters");
+        if token.len() < defaults::MIN_APP_TOKEN_LEN {
+            problems.add(
+                g("app_auth"),
+                format!(
+                    "the token must be at least {} characters",
+                    defaults::MIN_APP_TOKEN_LEN
+                ),
+            );
             return None;
         }
         Some(AppAuth {
@@ -858,7 +872,7 @@ fn validate(
             max_connections,
             connect_timeout,
             ca_bundle,
-            access_log: raw.access_log.unwrap_or(true),
+            access_log: raw.access_log.unwrap_or(defaults::ACCESS_LOG),
             app_auth,
             worker_threads,
         })
@@ -966,8 +980,10 @@ fn validate_route(
             String::new()
         }
     };
-    let version_stage = r.version_stage.unwrap_or_else(|| "AWSCURRENT".into());
-    if version_stage.is_empty() || version_stage.len() > 256 {
+    let version_stage = r
+        .version_stage
+        .unwrap_or_else(|| defaults::VERSION_STAGE.into());
+    if version_stage.is_empty() || version_stage.len() > defaults::MAX_VERSION_STAGE_LEN {
         problems.add(
             k("version_stage"),
             "must be a staging label such as AWSCURRENT",
@@ -987,7 +1003,7 @@ fn validate_route(
             None
         }
         (h, None) => {
-            let h = h.unwrap_or_else(|| "Authorization".into());
+            let h = h.unwrap_or_else(|| defaults::HEADER.into());
             let name = match HeaderName::from_str(&h) {
                 Ok(n) if RESERVED_HEADERS.contains(&n.as_str()) => {
                     problems.add(
@@ -1002,7 +1018,7 @@ fn validate_route(
                     None
                 }
             };
-            let text = r.value.unwrap_or_else(|| "Bearer {secret}".into());
+            let text = r.value.unwrap_or_else(|| defaults::HEADER_VALUE.into());
             let template = Template::parse(&text)
                 .map_err(|e| problems.add(k("value"), format!("{text:?}: {e}")))
                 .ok();
@@ -1016,7 +1032,7 @@ fn validate_route(
                     format!("{param:?} is not a plain parameter name"),
                 );
             }
-            let text = r.value.unwrap_or_else(|| "{secret}".into());
+            let text = r.value.unwrap_or_else(|| defaults::QUERY_VALUE.into());
             Template::parse(&text)
                 .map_err(|e| problems.add(k("value"), format!("{text:?}: {e}")))
                 .ok()
@@ -1027,32 +1043,28 @@ fn validate_route(
         problems,
         k("refresh_interval"),
         r.refresh_interval.as_deref(),
-        Duration::from_secs(300),
-        Duration::from_secs(1),
+        defaults::REFRESH_INTERVAL,
     );
     let refresh_cooldown = duration(
         problems,
         k("refresh_cooldown"),
         r.refresh_cooldown.as_deref(),
-        Duration::from_secs(5),
-        Duration::ZERO,
+        defaults::REFRESH_COOLDOWN,
     );
     let timeout = duration(
         problems,
         k("timeout"),
         r.timeout.as_deref(),
-        Duration::from_secs(30),
-        Duration::from_millis(1),
+        defaults::TIMEOUT,
     );
     let idle_timeout = duration(
         problems,
         k("idle_timeout"),
         r.idle_timeout.as_deref(),
-        Duration::from_secs(120),
-        Duration::from_millis(1),
+        defaults::IDLE_TIMEOUT,
     );
     let max_replay_body = match r.max_replay_body {
-        None => 256 * 1024,
+        None => defaults::MAX_REPLAY_BODY,
         Some(SizeValue::Bytes(n)) => n,
         Some(SizeValue::Text(t)) => match bytesize::ByteSize::from_str(t.trim()) {
             Ok(b) => b.as_u64(),
@@ -1065,7 +1077,7 @@ fn validate_route(
             }
         },
     };
-    if max_replay_body > 64 * 1024 * 1024 {
+    if max_replay_body > defaults::MAX_REPLAY_BODY_LIMIT {
         problems.add(
             k("max_replay_body"),
             "at most 64MiB (each replayable request holds its body in memory)",
@@ -1085,9 +1097,9 @@ fn validate_route(
         injection: injection?,
         refresh_interval,
         refresh_cooldown,
-        pending_fallback: r.pending_fallback.unwrap_or(true),
-        retry_on_401: r.retry_on_401.unwrap_or(true),
-        http2: r.http2.unwrap_or(true),
+        pending_fallback: r.pending_fallback.unwrap_or(defaults::PENDING_FALLBACK),
+        retry_on_401: r.retry_on_401.unwrap_or(defaults::RETRY_ON_401),
+        http2: r.http2.unwrap_or(defaults::HTTP2),
         max_replay_body,
         timeout,
         idle_timeout,
