@@ -163,28 +163,28 @@ pub(super) fn apply_globals(
 
 /// The variable `name` as true or false; a problem if it is set to anything else.
 fn flag(env: &HashMap<String, String>, name: &str, problems: &mut Problems) -> Option<bool> {
-    let v = env.get(name)?;
-    let b = parse_bool(v);
-    if b.is_none() {
-        problems.add(
-            name.to_owned(),
-            format!("expected true or false, got {v:?}"),
-        );
-    }
-    b
+    typed(env, name, "true or false", parse_bool, problems)
 }
 
 /// The variable `name` as a whole number; a problem if it is set to anything else.
 fn whole_number(env: &HashMap<String, String>, name: &str, problems: &mut Problems) -> Option<u64> {
+    typed(env, name, "a whole number", |v| v.parse().ok(), problems)
+}
+
+/// The variable `name` read by `parse`; a problem saying what was `expected` if it does not read.
+fn typed<T>(
+    env: &HashMap<String, String>,
+    name: &str,
+    expected: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    problems: &mut Problems,
+) -> Option<T> {
     let v = env.get(name)?;
-    let n = v.parse().ok();
-    if n.is_none() {
-        problems.add(
-            name.to_owned(),
-            format!("expected a whole number, got {v:?}"),
-        );
+    let parsed = parse(v);
+    if parsed.is_none() {
+        problems.add(name.to_owned(), format!("expected {expected}, got {v:?}"));
     }
-    n
+    parsed
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
