@@ -208,6 +208,31 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_names() {
+        for n in [
+            "Connection",
+            "keep-alive",
+            "TE",
+            "Trailer",
+            "Upgrade",
+            "Transfer-Encoding",
+            "Proxy-Authenticate",
+            "proxy-authorization",
+            "Proxy-Connection",
+        ] {
+            assert!(is_hop_by_hop(n), "{n}");
+        }
+        for n in [
+            "content-length",
+            "x-te",
+            "authorization",
+            "upgrade-insecure",
+        ] {
+            assert!(!is_hop_by_hop(n), "{n}");
+        }
+    }
+
+    #[test]
     fn builds_with_and_without_a_ca_bundle() {
         assert!(client(Duration::from_secs(1), None).is_ok());
         let e = client(
