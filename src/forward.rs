@@ -63,7 +63,7 @@ fn roots(ca_bundle: Option<&std::path::Path>) -> Result<rustls::RootCertStore, C
     Ok(store)
 }
 
-/// The TLS settings for upstreams: ring, TLS 1.2 and 1.3, the roots of [`roots`], no ALPN.
+/// The TLS settings for upstreams: ring, TLS 1.2 and 1.3, the roots of `roots`, no ALPN.
 pub fn tls_config(
     ca_bundle: Option<&std::path::Path>,
 ) -> Result<rustls::ClientConfig, ClientError> {

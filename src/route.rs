@@ -1,5 +1,8 @@
-//! Request → route. Fail closed: a request matches a configured path prefix or host, or nothing
-//! is forwarded.
+//! The request rules both engines call, so each lives once: request → route, path checks, the
+//! `Host` count, the app token.
+//!
+//! Routing fails closed: a request matches a configured path prefix or host, or nothing is
+//! forwarded.
 //!
 //! - Reverse mode (origin-form, `GET /payments/charges`): the longest `path_prefix` that matches
 //!   on a segment boundary wins, and is stripped.

@@ -9,11 +9,11 @@
 //! come from a per-route pool. The result is about half the CPU per request of the general
 //! path, and a bounded buffer per connection whatever the response size.
 //!
-//! The engine by job: [`request`] parses and plans the app's request and writes the upstream
-//! head; [`upstream`] runs one exchange with the upstream (pool, body sent while watching for an
-//! early answer, response head); [`response`] checks and rewrites the response head; [`relay`]
-//! relays the body ([`chunked`] decodes and re-encodes chunked ones); [`timer`] is the one timer
-//! per connection; [`rewind`] hands a connection to hyper. The connection loop is here.
+//! The engine by job: `request` parses and plans the app's request and writes the upstream
+//! head; `upstream` runs one exchange with the upstream (pool, body sent while watching for an
+//! early answer, response head); `response` checks and rewrites the response head; `relay`
+//! relays the body (`chunked` decodes and re-encodes chunked ones); `timer` is the one timer
+//! per connection; `rewind` hands a connection to hyper. The connection loop is here.
 //!
 //! Everything else is handed to hyper ([`crate::proxy`]) for the rest of the connection, with
 //! the bytes read so far: HTTP/1.0, HTTP/2, `Transfer-Encoding` or `Expect` or `Upgrade` in the
