@@ -4,7 +4,7 @@
 //! [`ProxyError`], turned into a response in one place ([`ProxyError::to_response`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::header::{self, HeaderMap};
 use http::uri::PathAndQuery;
@@ -14,42 +14,17 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 use crate::body::{ReqBody, RespBody};
-use crate::cache::{Loaded, Slot};
-use crate::config::{AppAuth, RouteConfig};
 use crate::error::ProxyError;
-use crate::forward::{self, strip_hop_by_hop, UpstreamClient};
-use crate::h1::Pool;
+use crate::forward::strip_hop_by_hop;
 use crate::inject::{set_query, Credential, Injection};
-use crate::metrics::{Metrics, RouteMetrics};
 use crate::retry;
-use crate::route::{check_path, Router};
+use crate::route::check_path;
+use crate::routes::{Route, Routes};
 
-/// A route at run time: its settings, its credential slot, its metric handles.
-#[derive(Debug)]
-pub struct Route {
-    /// The route's settings.
-    pub config: RouteConfig,
-    /// Where its credential is.
-    pub slot: Slot,
-    /// Its metric handles.
-    pub metrics: RouteMetrics,
-}
-
-/// The app-facing service.
+/// The app-facing service of the general engine.
 #[derive(Debug)]
 pub struct Proxy {
-    pub(crate) routes: Vec<Route>,
-    pub(crate) router: Router,
-    /// For routes with `http2 = true`: offers HTTP/2 and HTTP/1.1 by ALPN.
-    client: UpstreamClient,
-    /// For routes with `http2 = false`: HTTP/1.1 only.
-    client_h1: UpstreamClient,
-    metrics: Arc<Metrics>,
-    pub(crate) app_auth: Option<AppAuth>,
-    pub(crate) access_log: bool,
-    /// Per route: the fast path's connection pool (plain-http upstreams only).
-    pub(crate) pools: Vec<Option<Pool>>,
-    pub(crate) connect_timeout: Duration,
+    routes: Arc<Routes>,
 }
 
 /// What one request did, for the access log.
@@ -59,37 +34,9 @@ struct Outcome {
 }
 
 impl Proxy {
-    /// Builds the service.
-    pub fn new(
-        routes: Vec<Route>,
-        metrics: Arc<Metrics>,
-        app_auth: Option<AppAuth>,
-        access_log: bool,
-        connect_timeout: Duration,
-        tls: Arc<rustls::ClientConfig>,
-    ) -> Proxy {
-        let router = Router::new(&routes.iter().map(|r| r.config.clone()).collect::<Vec<_>>());
-        let client = forward::client_with(connect_timeout, (*tls).clone(), true);
-        let client_h1 = forward::client_with(connect_timeout, (*tls).clone(), false);
-        // The fast path's HTTP/1.1 connections offer only HTTP/1.1 by ALPN.
-        let mut fast_tls = (*tls).clone();
-        fast_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let fast_tls = Arc::new(fast_tls);
-        let pools = routes
-            .iter()
-            .map(|r| Pool::for_route(&r.config, &fast_tls))
-            .collect();
-        Proxy {
-            routes,
-            router,
-            client,
-            client_h1,
-            metrics,
-            app_auth,
-            access_log,
-            pools,
-            connect_timeout,
-        }
+    /// Builds the service over the shared routes.
+    pub fn new(routes: Arc<Routes>) -> Proxy {
+        Proxy { routes }
     }
 
     /// Answers one app request.
@@ -106,10 +53,10 @@ impl Proxy {
         let resp = match self.forward(req, &mut outcome).await {
             Ok(resp) => resp,
             Err(e) => {
-                let route = outcome.route.map(|i| &self.routes[i]);
+                let route = outcome.route.map(|i| &self.routes.list[i]);
                 match route {
                     Some(r) => r.metrics.error(e.kind()),
-                    None => self.metrics.unrouted(e.status().as_u16(), e.kind()),
+                    None => self.routes.metrics.unrouted(e.status().as_u16(), e.kind()),
                 }
                 if !matches!(e, ProxyError::NoRoute { .. }) {
                     tracing::warn!(route = route.map(|r| r.config.name.as_str()).unwrap_or("-"),
@@ -120,12 +67,12 @@ impl Proxy {
         };
         let status = resp.status().as_u16();
         if let Some(i) = outcome.route {
-            self.routes[i].metrics.answered(status);
+            self.routes.list[i].metrics.answered(status);
         }
-        if self.access_log {
+        if self.routes.access_log {
             let route = outcome
                 .route
-                .map(|i| self.routes[i].config.name.as_str())
+                .map(|i| self.routes.list[i].config.name.as_str())
                 .unwrap_or("-");
             tracing::info!(target: "keyproxy::access", route, method = %method, path = %path, status,
                 latency_ms = start.elapsed().as_secs_f64() * 1000.0, replayed = outcome.replayed);
@@ -141,7 +88,7 @@ impl Proxy {
         if req.method() == Method::CONNECT {
             return Err(ProxyError::Connect);
         }
-        if let Some(auth) = &self.app_auth {
+        if let Some(auth) = &self.routes.app_auth {
             let ok = req
                 .headers()
                 .get(&auth.header)
@@ -156,17 +103,11 @@ impl Proxy {
         // 1. Route.
         let (route_index, strip) = self.route(&req)?;
         outcome.route = Some(route_index);
-        let route = &self.routes[route_index];
+        let route = &self.routes.list[route_index];
         check_path(req.uri().path()).map_err(ProxyError::BadRequest)?;
 
         // 2. The key: one atomic load.
-        let loaded = route.slot.entry.current().ok_or_else(|| {
-            let status = route.slot.entry.status();
-            ProxyError::NoKey(match status.error {
-                Some(e) => e.to_string(),
-                None => format!("secret {:?} is still being fetched", status.secret_id),
-            })
-        })?;
+        let loaded = route.current()?;
 
         // 3. The upstream request.
         // A request with both Content-Length and Transfer-Encoding never reaches this point as
@@ -200,7 +141,7 @@ impl Proxy {
         };
         let mut headers = std::mem::take(&mut parts.headers);
         strip_hop_by_hop(&mut headers);
-        if let Some(auth) = &self.app_auth {
+        if let Some(auth) = &self.routes.app_auth {
             headers.remove(&auth.header);
         }
         route.config.injection.strip_header(&mut headers);
@@ -249,7 +190,7 @@ impl Proxy {
         // 4. 401: refresh once, replay once if the key changed.
         if resp.status() == StatusCode::UNAUTHORIZED {
             if let (Some(body), Some(headers)) = (prepared.replay, replay_headers) {
-                if let Some(fresh) = self.fresher(route, &loaded).await {
+                if let Some(fresh) = route.fresher(&loaded).await {
                     if let Some(new_cred) = route.slot.credential(&fresh) {
                         drop(resp);
                         outcome.replayed = true;
@@ -282,14 +223,14 @@ impl Proxy {
         let h2 = req.version() == Version::HTTP_2;
         if let (Some(authority), false) = (uri.authority(), h2) {
             // Absolute-form (forward proxy mode): only a configured host.
-            return match self.router.by_host(authority.as_str()) {
+            return match self.routes.router.by_host(authority.as_str()) {
                 Some(i) => Ok((i, 0)),
                 None => Err(ProxyError::NoRoute {
                     what: format!("host {:?} (forward mode)", authority.host()),
                 }),
             };
         }
-        if let Some(m) = self.router.by_path(uri.path()) {
+        if let Some(m) = self.routes.router.by_path(uri.path()) {
             return Ok((m.route, uri.path().len() - m.rest.len()));
         }
         let host = match uri.authority() {
@@ -299,25 +240,12 @@ impl Proxy {
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok()),
         };
-        if let Some(i) = host.and_then(|h| self.router.by_host(h)) {
+        if let Some(i) = host.and_then(|h| self.routes.router.by_host(h)) {
             return Ok((i, 0));
         }
         Err(ProxyError::NoRoute {
             what: format!("{} {}", req.method(), uri.path()),
         })
-    }
-
-    /// The credentials to replay with, if newer than `seen` and different for this route.
-    pub(crate) async fn fresher(&self, route: &Route, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
-        let fresh = route.slot.entry.refresh_now(seen).await?;
-        let old = route.slot.credential(seen);
-        let new = route.slot.credential(&fresh);
-        if new.is_some() && new != old {
-            Some(fresh)
-        } else {
-            tracing::debug!(route = %route.config.name, "401 with no newer key; passing it through");
-            None
-        }
     }
 
     fn build(
@@ -357,11 +285,7 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let start = Instant::now();
         let timeout = route.config.timeout;
-        let client = if route.config.http2 {
-            &self.client
-        } else {
-            &self.client_h1
-        };
+        let client = &route.client;
         // A request the upstream is known not to have processed (refused, or above an HTTP/2
         // GOAWAY's last stream id) goes out once more, on a new connection, if its body can be
         // sent again.

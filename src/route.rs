@@ -1,5 +1,8 @@
-//! Request → route. Fail closed: a request matches a configured path prefix or host, or nothing
-//! is forwarded.
+//! The request rules both engines call, so each lives once: request → route, path checks, the
+//! `Host` count, the app token.
+//!
+//! Routing fails closed: a request matches a configured path prefix or host, or nothing is
+//! forwarded.
 //!
 //! - Reverse mode (origin-form, `GET /payments/charges`): the longest `path_prefix` that matches
 //!   on a segment boundary wins, and is stripped.
@@ -11,7 +14,8 @@ use std::collections::HashMap;
 
 use percent_encoding::percent_decode_str;
 
-use crate::config::RouteConfig;
+use crate::config::{AppAuth, RouteConfig};
+use subtle::ConstantTimeEq;
 
 /// Which route, and the path to send upstream (below the upstream's base path).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +114,22 @@ pub fn check_path(path: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`, any other at most one.
+/// `Err`: why the request is refused (400).
+pub fn host_rule(http11: bool, hosts: usize) -> Result<(), &'static str> {
+    match hosts {
+        0 if http11 => Err("an HTTP/1.1 request needs a Host header"),
+        0 | 1 => Ok(()),
+        _ => Err("the request has more than one Host header"),
+    }
+}
+
+/// Whether the app sent the configured token (compared in constant time). `sent`: the first
+/// value of the token header, if any.
+pub fn app_token_ok(auth: &AppAuth, sent: Option<&[u8]>) -> bool {
+    sent.is_some_and(|v| bool::from(v.ct_eq(auth.token.expose().as_bytes())))
 }
 
 /// Whether a path segment is `.` or `..`, with or without path parameters after `;`.

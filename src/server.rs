@@ -22,12 +22,14 @@ use tokio::sync::Semaphore;
 use crate::admin::{self, AdminState};
 use crate::cache::SecretCache;
 use crate::config::{Config, SourceConfig};
+use crate::drain::Drain;
 use crate::error::ProxyError;
 use crate::forward;
-use crate::h1::{self, Drain, Rewind, Served};
+use crate::h1::{self, Rewind, Served};
 use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, Route};
+use crate::proxy::Proxy;
+use crate::routes::Routes;
 use crate::secrets::aws::{self as aws_source, AwsSource};
 use crate::secrets::file::FileSource;
 use crate::secrets::SecretSource;
@@ -87,24 +89,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (mut cache, slots) = SecretCache::new(&config.routes, source.clone(), metrics.clone());
     cache.start();
     let cache = Arc::new(cache);
-    let routes = config
-        .routes
-        .iter()
-        .zip(slots)
-        .map(|(rc, slot)| Route {
-            metrics: metrics.route(&rc.name),
-            config: rc.clone(),
-            slot,
-        })
-        .collect();
-    let proxy = Arc::new(Proxy::new(
-        routes,
+    let routes = Arc::new(Routes::new(
+        &config.routes,
+        slots,
         metrics.clone(),
         config.app_auth.clone(),
         config.access_log,
         config.connect_timeout,
-        Arc::new(tls),
+        &tls,
     ));
+    let proxy = Arc::new(Proxy::new(routes.clone()));
     let admin_state = Arc::new(AdminState {
         cache: cache.clone(),
         metrics: metrics.clone(),
@@ -167,6 +161,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
+        let routes = routes.clone();
         let drain = drain.clone();
         let http = http.clone();
         let gauge = metrics.connections.clone();
@@ -174,7 +169,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tokio::spawn(async move {
             // HTTP/1.1 to plain-http upstreams on the fast path; the rest of a connection goes
             // to hyper from the first request the fast path does not take.
-            if let Served::Handoff(stream, read) = h1::serve(&proxy, stream, &drain).await {
+            if let Served::Handoff(stream, read) = h1::serve(&routes, stream, &drain).await {
                 let svc = service_fn(move |req| {
                     let proxy = proxy.clone();
                     async move { Ok::<_, Infallible>(proxy.handle(req).await) }

@@ -1,0 +1,329 @@
+//! Routes: each `[[route]]` (matching, upstream, secret, timing, replay body) and the list as a
+//! whole (at least one; names, prefixes and hosts unique).
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+
+use http::header::HeaderValue;
+use http::uri::{Authority, Scheme};
+use http::Uri;
+
+use super::{duration, injection, Namer};
+use crate::config::defaults::{self, DurationSetting};
+use crate::config::file::{RawRoute, SizeValue};
+use crate::config::{Problems, RouteConfig, Upstream};
+
+/// Every route that passes its own checks, in order; problems for a missing route list and for
+/// a name, prefix or host used twice.
+pub(super) fn routes(
+    raw: Vec<RawRoute>,
+    namer: Namer,
+    problems: &mut Problems,
+) -> Vec<RouteConfig> {
+    if raw.is_empty() {
+        problems.add(
+            namer.global("route"),
+            match namer {
+                Namer::File => "no route: add at least one [[route]]",
+                Namer::Env => {
+                    "no route: set KEYPROXY_UPSTREAM and KEYPROXY_SECRET_ID (or give --config FILE)"
+                }
+            },
+        );
+    }
+    let mut routes = Vec::new();
+    let mut seen = Seen::default();
+    for (i, r) in raw.into_iter().enumerate() {
+        let k = |f: &str| namer.route(i, f);
+        if let Some(route) = route(r, &k, problems) {
+            seen.check(&route, &k, problems);
+            routes.push(route);
+        }
+    }
+    routes
+}
+
+/// What the routes so far claim: names, and which route holds each prefix and host.
+#[derive(Default)]
+struct Seen {
+    names: HashSet<String>,
+    prefixes: HashMap<String, String>,
+    hosts: HashMap<String, String>,
+}
+
+impl Seen {
+    /// Records `route`; a problem for each thing an earlier route already claims.
+    fn check(&mut self, route: &RouteConfig, k: &dyn Fn(&str) -> String, problems: &mut Problems) {
+        if !self.names.insert(route.name.clone()) {
+            problems.add(
+                k("name"),
+                format!("{:?} is used by another route", route.name),
+            );
+        }
+        if let Some(p) = &route.path_prefix {
+            if let Some(other) = self.prefixes.insert(p.clone(), route.name.clone()) {
+                problems.add(
+                    k("path_prefix"),
+                    format!("{p:?} overlaps route {other:?}, which has the same prefix"),
+                );
+            }
+        }
+        if let Some(h) = &route.host {
+            if let Some(other) = self.hosts.insert(h.clone(), route.name.clone()) {
+                problems.add(
+                    k("host"),
+                    format!("{h:?} is already the host of route {other:?}"),
+                );
+            }
+        }
+    }
+}
+
+/// One route; `None` if any of its settings has a problem. `k` names its keys.
+fn route(r: RawRoute, k: &dyn Fn(&str) -> String, problems: &mut Problems) -> Option<RouteConfig> {
+    let before = problems.len();
+    let name = name(r.name, k("name"), problems);
+    let path_prefix = r
+        .path_prefix
+        .map(|p| path_prefix(p, k("path_prefix"), problems));
+    let host = r.host.map(|h| host(h, k("host"), problems));
+    if path_prefix.is_none() && host.is_none() {
+        problems.add(
+            k("path_prefix"),
+            "set path_prefix, host, or both: a route must match something",
+        );
+    }
+    let upstream = upstream(r.upstream.as_deref(), k("upstream"), problems);
+    let secret_id = secret_id(r.secret_id, k("secret_id"), problems);
+    let version_stage = version_stage(r.version_stage, k("version_stage"), problems);
+    secret_field(r.secret_field.as_deref(), k("secret_field"), problems);
+    let injection = injection::injection(r.header, r.query_param, r.value, k, problems);
+    let mut timing = |key: &str, v: Option<String>, setting: DurationSetting| {
+        duration(problems, k(key), v.as_deref(), setting)
+    };
+    let refresh_interval = timing(
+        "refresh_interval",
+        r.refresh_interval,
+        defaults::REFRESH_INTERVAL,
+    );
+    let refresh_cooldown = timing(
+        "refresh_cooldown",
+        r.refresh_cooldown,
+        defaults::REFRESH_COOLDOWN,
+    );
+    let timeout = timing("timeout", r.timeout, defaults::TIMEOUT);
+    let idle_timeout = timing("idle_timeout", r.idle_timeout, defaults::IDLE_TIMEOUT);
+    let max_replay_body = max_replay_body(r.max_replay_body, k("max_replay_body"), problems);
+    if problems.len() > before {
+        return None;
+    }
+    Some(RouteConfig {
+        name,
+        path_prefix,
+        host,
+        upstream: upstream?,
+        secret_id,
+        version_stage,
+        secret_field: r.secret_field,
+        injection: injection?,
+        refresh_interval,
+        refresh_cooldown,
+        pending_fallback: r.pending_fallback.unwrap_or(defaults::PENDING_FALLBACK),
+        retry_on_401: r.retry_on_401.unwrap_or(defaults::RETRY_ON_401),
+        http2: r.http2.unwrap_or(defaults::HTTP2),
+        max_replay_body,
+        timeout,
+        idle_timeout,
+    })
+}
+
+/// `name`: required; letters, digits, `-`, `_` and `.`.
+fn name(v: Option<String>, key: String, problems: &mut Problems) -> String {
+    match v {
+        Some(n)
+            if !n.is_empty()
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+        {
+            n
+        }
+        Some(n) => {
+            problems.add(key, format!("{n:?}: use letters, digits, '-', '_' or '.'"));
+            n
+        }
+        None => {
+            problems.add(key, "missing: every route needs a name");
+            String::new()
+        }
+    }
+}
+
+/// `path_prefix`: a plain absolute path; kept without its trailing slashes (`/` stays `/`).
+fn path_prefix(p: String, key: String, problems: &mut Problems) -> String {
+    let norm = if p.len() > 1 {
+        p.trim_end_matches('/').to_owned()
+    } else {
+        p.clone()
+    };
+    if !p.starts_with('/') {
+        problems.add(key, format!("{p:?} must start with '/'"));
+    } else if p.contains(['?', '#', '%', '\\']) || p.split('/').any(|s| s == "." || s == "..") {
+        problems.add(
+            key,
+            format!("{p:?}: a plain path, without '?', '#', '%' or dot segments"),
+        );
+    }
+    norm
+}
+
+/// `host`: a host name with an optional port, no user info or path; kept in lower case.
+fn host(h: String, key: String, problems: &mut Problems) -> String {
+    let lower = h.to_ascii_lowercase();
+    if Authority::from_str(&lower)
+        .map(|a| a.as_str().contains('@'))
+        .unwrap_or(true)
+        || lower.contains('/')
+    {
+        problems.add(
+            key,
+            format!("{h:?} is not a host name (with an optional :port)"),
+        );
+    }
+    lower
+}
+
+/// `upstream`: required; see [`parse_upstream`].
+fn upstream(v: Option<&str>, key: String, problems: &mut Problems) -> Option<Upstream> {
+    match v {
+        None => {
+            problems.add(
+                key,
+                "missing: the base URL requests go to, e.g. \"https://api.example.com/v1\"",
+            );
+            None
+        }
+        Some(u) => parse_upstream(u).map_err(|m| problems.add(key, m)).ok(),
+    }
+}
+
+/// `secret_id`: required, not blank.
+fn secret_id(v: Option<String>, key: String, problems: &mut Problems) -> String {
+    match v {
+        Some(s) if !s.trim().is_empty() => s,
+        _ => {
+            problems.add(key, "missing: the secret's name or ARN");
+            String::new()
+        }
+    }
+}
+
+/// `version_stage`: a staging label, 1 to [`defaults::MAX_VERSION_STAGE_LEN`] characters.
+fn version_stage(v: Option<String>, key: String, problems: &mut Problems) -> String {
+    let stage = v.unwrap_or_else(|| defaults::VERSION_STAGE.into());
+    if stage.is_empty() || stage.len() > defaults::MAX_VERSION_STAGE_LEN {
+        problems.add(key, "must be a staging label such as AWSCURRENT");
+    }
+    stage
+}
+
+/// `secret_field`: absent or not empty.
+fn secret_field(v: Option<&str>, key: String, problems: &mut Problems) {
+    if v == Some("") {
+        problems.add(
+            key,
+            "must not be empty (leave it out to use the whole secret)",
+        );
+    }
+}
+
+/// `max_replay_body`: a number of bytes or a size such as `"256KiB"`, at most
+/// [`defaults::MAX_REPLAY_BODY_LIMIT`].
+fn max_replay_body(v: Option<SizeValue>, key: String, problems: &mut Problems) -> u64 {
+    let bytes = match v {
+        None => defaults::MAX_REPLAY_BODY,
+        Some(SizeValue::Bytes(n)) => n,
+        Some(SizeValue::Text(t)) => match bytesize::ByteSize::from_str(t.trim()) {
+            Ok(b) => b.as_u64(),
+            Err(_) => {
+                problems.add(
+                    key.clone(),
+                    format!("{t:?} is not a size such as \"256KiB\""),
+                );
+                0
+            }
+        },
+    };
+    if bytes > defaults::MAX_REPLAY_BODY_LIMIT {
+        problems.add(
+            key,
+            "at most 64MiB (each replayable request holds its body in memory)",
+        );
+    }
+    bytes
+}
+
+/// Parses an upstream base URL: http(s), a host, an optional port and base path, nothing else.
+pub fn parse_upstream(text: &str) -> Result<Upstream, String> {
+    let uri = Uri::from_str(text.trim()).map_err(|e| format!("{text:?} is not a URL ({e})"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
+        Some(s) => return Err(format!("{text:?}: scheme {s:?} is not http or https")),
+        None => {
+            return Err(format!(
+                "{text:?} needs a scheme: https://host[:port][/base]"
+            ))
+        }
+    };
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{text:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{text:?}: credentials in the URL are not allowed; use a secret"
+        ));
+    }
+    if authority.host().is_empty() {
+        return Err(format!("{text:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!(
+            "{text:?}: a query string is not allowed in upstream"
+        ));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    let host_header = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| format!("{text:?}: the host cannot be a Host header"))?;
+    Ok(Upstream {
+        scheme,
+        authority,
+        base_path,
+        host_header,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_upstream;
+    use crate::config::test_support::{keys, toml, MINIMAL};
+
+    #[test]
+    fn overlapping_routes_are_refused() {
+        let e = toml(&format!(
+            "{MINIMAL}\n{}",
+            MINIMAL.replace("/payments/", "/payments")
+        ))
+        .expect_err("overlap");
+        assert_eq!(keys(&e), vec!["route[1].name", "route[1].path_prefix"]);
+    }
+
+    #[test]
+    fn upstream_rules() {
+        assert!(parse_upstream("https://api.example.com").is_ok());
+        assert!(parse_upstream("http://127.0.0.1:8000/base").is_ok());
+        assert!(parse_upstream("api.example.com").is_err());
+        assert!(parse_upstream("https://user:pw@api.example.com").is_err());
+        assert!(parse_upstream("https://api.example.com/?a=1").is_err());
+    }
+}

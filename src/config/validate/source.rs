@@ -1,0 +1,98 @@
+//! Where secrets come from: `[source]` and `[aws]`.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use http::Uri;
+
+use super::{duration, resolve};
+use crate::config::file::{RawAws, RawSource};
+use crate::config::{defaults, Problems, SourceConfig};
+use crate::secrets::aws::AwsSettings;
+
+/// `source.type` picks the source; `[aws]` only goes with `aws`, `source.path` only with `file`.
+pub(super) fn source(
+    src: RawSource,
+    aws: Option<RawAws>,
+    base: &Path,
+    g: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) -> SourceConfig {
+    match src.kind.as_deref().unwrap_or(defaults::SOURCE) {
+        "aws" => {
+            if src.path.is_some() {
+                problems.add(g("source.path"), "only the file source takes a path");
+            }
+            SourceConfig::Aws(aws_settings(aws.unwrap_or_default(), g, problems))
+        }
+        "file" => {
+            if aws.is_some() {
+                problems.add(g("aws"), "[aws] applies only to the aws source");
+            }
+            match src.path {
+                Some(p) => SourceConfig::File(resolve(base, &p)),
+                None => {
+                    problems.add(g("source.path"), "the file source needs a path");
+                    SourceConfig::File(PathBuf::new())
+                }
+            }
+        }
+        other => {
+            problems.add(
+                g("source.type"),
+                format!("{other:?} is not a source: use \"aws\" or \"file\""),
+            );
+            SourceConfig::File(PathBuf::new())
+        }
+    }
+}
+
+/// `[aws]`: an endpoint URL with a scheme, and the SDK's timeouts and attempts.
+fn aws_settings(aws: RawAws, g: &dyn Fn(&str) -> String, problems: &mut Problems) -> AwsSettings {
+    if let Some(u) = &aws.endpoint_url {
+        if Uri::from_str(u)
+            .map(|u| u.scheme().is_none())
+            .unwrap_or(true)
+        {
+            problems.add(g("aws.endpoint_url"), format!("{u:?} is not a URL"));
+        }
+    }
+    AwsSettings {
+        region: aws.region,
+        endpoint_url: aws.endpoint_url,
+        attempt_timeout: duration(
+            problems,
+            g("aws.timeout"),
+            aws.timeout.as_deref(),
+            defaults::AWS_TIMEOUT,
+        ),
+        connect_timeout: duration(
+            problems,
+            g("aws.connect_timeout"),
+            aws.connect_timeout.as_deref(),
+            defaults::AWS_CONNECT_TIMEOUT,
+        ),
+        max_attempts: aws.max_attempts.unwrap_or(defaults::AWS_MAX_ATTEMPTS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+
+    use crate::config::test_support::MINIMAL;
+    use crate::config::{Config, SourceConfig};
+
+    #[test]
+    fn file_source_path_is_relative_to_the_config() {
+        let c = Config::from_toml(
+            &format!("[source]\ntype = \"file\"\npath = \"s.json\"\n{MINIMAL}"),
+            "cfg/t.toml",
+            Path::new("cfg"),
+            &HashMap::new(),
+        )
+        .expect("valid");
+        assert_eq!(c.source, SourceConfig::File(PathBuf::from("cfg/s.json")));
+    }
+}
