@@ -126,6 +126,35 @@ pub fn host_rule(http11: bool, hosts: usize) -> Result<(), &'static str> {
     }
 }
 
+/// Whether a `Host` value is a valid `uri-host [":" port]` (RFC 9112 §3.2, RFC 3986 §3.2.2):
+/// registered-name characters, `%`-escapes, an IP literal in brackets; empty is allowed. A list
+/// (`a.example, b.example`), white space, `/`, `\\`, `@` and the like are refused (400).
+pub fn host_value_ok(v: &[u8]) -> bool {
+    v.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
+}
+
 /// Whether the app sent the configured token (compared in constant time). `sent`: the first
 /// value of the token header, if any.
 pub fn app_token_ok(auth: &AppAuth, sent: Option<&[u8]>) -> bool {
@@ -224,6 +253,35 @@ mod tests {
         assert_eq!(r.by_host("mail.example.com:8443"), Some(4));
         assert_eq!(r.by_host("mail.example.com"), None);
         assert_eq!(r.by_host("evil.example.com"), None);
+    }
+
+    #[test]
+    fn host_values_and_counts() {
+        for good in [
+            "api.example.com",
+            "127.0.0.1:8080",
+            "[::1]:443",
+            "",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(host_value_ok(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "a.test, b.test",
+            "a.test,b.test",
+            "a b",
+            "a/b",
+            "a\\b",
+            "user@a",
+            "a\tb",
+            "\"a\"",
+        ] {
+            assert!(!host_value_ok(bad.as_bytes()), "{bad}");
+        }
+        assert!(host_rule(true, 1).is_ok());
+        assert!(host_rule(false, 0).is_ok());
+        assert!(host_rule(true, 0).is_err());
+        assert!(host_rule(false, 2).is_err());
     }
 
     #[test]

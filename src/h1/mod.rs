@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::drain::Drain;
-use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
+use crate::limits::{BODY_TIMEOUT, HEAD_TIMEOUT, MAX_HEADER_BYTES};
 use crate::routes::Routes;
 
 mod chunked;
@@ -46,7 +46,7 @@ mod upstream;
 use request::{Parsed, Plan, ReqBody};
 use response::Framing;
 pub use rewind::Rewind;
-use timer::Deadline;
+use timer::{timed, Deadline};
 
 /// Request bodies up to this size are read before sending even without `retry_on_401`.
 const SMALL_BODY: u64 = 64 * 1024;
@@ -205,8 +205,10 @@ impl Conn<'_> {
                 self.buf.reserve(want - self.buf.len());
             }
             while self.buf.len() < want {
-                match self.app.read_buf(&mut self.buf).await {
-                    Ok(n) if n > 0 => {}
+                // A stalled body ends the connection (nothing was sent upstream yet).
+                self.deadline.set(Instant::now() + BODY_TIMEOUT);
+                match timed(&mut self.deadline, self.app.read_buf(&mut self.buf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
                     _ => return Step::Close,
                 }
             }

@@ -11,7 +11,7 @@ use crate::cache::Loaded;
 use crate::forward::is_hop_by_hop;
 use crate::inject::{write_target, Credential, Injection};
 use crate::limits::MAX_HEADERS;
-use crate::route::{app_token_ok, check_path, host_rule};
+use crate::route::{app_token_ok, check_path, host_rule, host_value_ok};
 use crate::routes::Route;
 
 /// What the parsed head of an app request says to do.
@@ -105,7 +105,8 @@ impl Conn<'_> {
             match request_header(name) {
                 Header::Forward => {}
                 Header::Host => {
-                    hosts += 1;
+                    // An invalid value counts as one too many: the general path answers 400.
+                    hosts += if host_value_ok(h.value) { 1 } else { 2 };
                     continue;
                 }
                 Header::Drop => continue,

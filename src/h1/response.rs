@@ -51,7 +51,8 @@ pub(super) fn response_head(
     };
     let bad = |what: &str| ProxyError::Unreachable(format!("the upstream sent {what}"));
     let status = resp.code.ok_or_else(|| bad("no status code"))?;
-    if status < 100 {
+    // RFC 9110 §15: 100–599; a client treats anything else as a server error.
+    if !(100..=599).contains(&status) {
         return Err(bad(&format!("an invalid status code {status:03}")));
     }
     let mut keep_alive = resp.version == Some(1);

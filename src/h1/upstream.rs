@@ -114,6 +114,7 @@ impl Conn<'_> {
         body: &ReqBody,
         drain: &Drain,
     ) -> Result<(RespHead, Sent), Failure> {
+        let timeout = self.routes.list[plan.route].config.timeout;
         let head_len = self.out.len();
         let mut sent = Sent::All;
         match body {
@@ -127,7 +128,9 @@ impl Conn<'_> {
                 timed(&mut self.deadline, conn.write_all(&self.out))
                     .await
                     .map_err(|()| Failure::Timeout)??;
-                sent = self.send_body(conn, body, plan.head_method).await?;
+                sent = self
+                    .send_body(conn, body, plan.head_method, timeout)
+                    .await?;
             }
         }
         if let Sent::WriteFailed(e, app_unread) = sent {
@@ -145,6 +148,9 @@ impl Conn<'_> {
                 .map_err(|()| Failure::Timeout)??;
         }
         let app_unread = matches!(sent, Sent::Early { app_unread: true });
+        if sent == Sent::All && !matches!(body, ReqBody::Full(b) if b.len() <= COALESCE) {
+            self.deadline.set(Instant::now() + timeout);
+        }
         let head = self.read_head(conn, plan, drain, app_unread).await?;
         Ok((head, sent))
     }
@@ -158,6 +164,7 @@ impl Conn<'_> {
         conn: &mut Upstream,
         body: &ReqBody,
         head_method: bool,
+        timeout: Duration,
     ) -> Result<Sent, Failure> {
         let (mut mem, mut left): (&[u8], u64) = match body {
             ReqBody::Full(b) => (b, 0),
@@ -205,6 +212,7 @@ impl Conn<'_> {
                 }
                 match pin!(app.read_buf(buf)).poll(cx) {
                     Poll::Ready(Ok(n)) if n > 0 => {
+                        deadline.set(Instant::now() + timeout);
                         pending = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
                         continue;
                     }
@@ -221,6 +229,9 @@ impl Conn<'_> {
             };
             match pin!(conn.write(chunk)).poll(cx) {
                 Poll::Ready(Ok(n)) if n > 0 => {
+                    // The route's timeout runs from the last progress while a body is sent, and
+                    // from its end for the answer: a long upload is not cut off for its length.
+                    deadline.set(Instant::now() + timeout);
                     if !mem.is_empty() {
                         mem = &mem[n..];
                     } else {
