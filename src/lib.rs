@@ -5,7 +5,9 @@
 //! answers 401 after a rotation. The modules, in the order a request meets them:
 //!
 //! - [`server`]: binds the app and admin listeners, accepts connections, drains on shutdown.
-//! - [`proxy`]: the request path, top to bottom: route, inject, forward, 401 replay, respond.
+//! - [`proxy`]: the general engine, a `tower` stack built in [`proxy::stack`], outer to inner:
+//!   observe (metrics, access log, errors → responses), refuse CONNECT, app token, routing,
+//!   401 replay, timeout, upstream (inject, rewrite, send, relay).
 //! - [`route`]: request → route by path prefix (reverse mode) or host (forward mode); path checks.
 //! - [`cache`]: one `ArcSwap` entry per (secret, stage); background refresh with jitter and
 //!   backoff; single-flight, rate-limited refresh for the 401 path.
