@@ -6,8 +6,8 @@
 //!
 //! - [`server`]: binds the app and admin listeners, accepts connections, drains on shutdown.
 //! - [`proxy`]: the general engine, a `tower` stack built in [`proxy::stack`], outer to inner:
-//!   observe (metrics, access log, errors → responses), refuse CONNECT, app token, routing,
-//!   401 replay, timeout, upstream (inject, rewrite, send, relay).
+//!   observe (metrics, access log, errors → responses), refuse CONNECT, app token, in-flight
+//!   limit, routing, 401 replay, timeout, upstream (inject, rewrite, send, relay).
 //! - [`route`]: request → route by path prefix (reverse mode) or host (forward mode); path checks.
 //! - [`cache`]: one `ArcSwap` entry per (secret, stage); background refresh with jitter and
 //!   backoff; single-flight, rate-limited refresh for the 401 path.

@@ -99,8 +99,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.connect_timeout,
         &tls,
     ));
-    // The general engine, built once.
-    let general = proxy::stack(routes.clone());
+    // The general engine, built once: its clones share the in-flight request limit.
+    let general = proxy::stack(routes.clone(), config.max_connections);
     let admin_state = Arc::new(AdminState {
         cache: cache.clone(),
         metrics: metrics.clone(),

@@ -7,6 +7,7 @@
 //!   [`ProxyError`] becomes a response (as linkerd2-proxy's `ServerRescue`).
 //! - [`refuse_connect`]: `CONNECT` is refused (no key can go inside a tunnel).
 //! - [`app_token`]: the app token check, constant-time; the token is not forwarded.
+//! - [`overload`]: at most `max_connections` requests in flight; over it, 503 at once.
 //! - [`routing`]: `Host` count, route match, path checks; the request becomes a [`Routed`].
 //! - [`replay`]: the key, the body kept for a 401 replay, and the replay itself.
 //! - [`timeout`]: the route's `timeout` for each upstream exchange.
@@ -32,6 +33,7 @@ use crate::routes::{Route, Routes};
 
 pub mod app_token;
 pub mod observe;
+pub mod overload;
 pub mod refuse_connect;
 pub mod replay;
 pub mod routing;
@@ -42,9 +44,11 @@ pub mod upstream;
 mod test_support;
 
 /// The general engine over `routes`, outer layer first. Build it once and clone it per
-/// connection.
+/// connection: the in-flight limit (`max_in_flight`, the config's `max_connections`) is shared
+/// by every clone.
 pub fn stack(
     routes: Arc<Routes>,
+    max_in_flight: usize,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<RespBody>,
@@ -57,6 +61,7 @@ pub fn stack(
         .layer(observe::layer(routes.clone()))
         .layer(refuse_connect::layer())
         .layer(app_token::layer(routes.app_auth.clone()))
+        .layer(overload::layer(max_in_flight))
         .layer(routing::layer(routes))
         .layer(replay::layer())
         .layer(timeout::layer())
