@@ -78,21 +78,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::test_support::{echo_headers, request};
-    use crate::secrets::Secret;
-    use http::header::HeaderName;
+    use crate::proxy::test_support::{app_auth, echo_headers, request, APP_TOKEN};
     use tower::ServiceExt;
-
-    fn auth() -> AppAuth {
-        AppAuth {
-            header: HeaderName::from_static("x-app-token"),
-            token: Secret::new("s3cret"),
-        }
-    }
 
     #[tokio::test]
     async fn wrong_or_missing_token_is_refused() {
-        let svc = layer(Some(auth())).layer(tower::service_fn(echo_headers));
+        let svc = layer(Some(app_auth())).layer(tower::service_fn(echo_headers));
         for headers in [
             &[][..],
             &[("x-app-token", "nope")],
@@ -113,8 +104,8 @@ mod tests {
 
     #[tokio::test]
     async fn right_token_passes_and_is_not_forwarded() {
-        let svc = layer(Some(auth())).layer(tower::service_fn(echo_headers));
-        let req = request("GET", "/x", &[("x-app-token", "s3cret"), ("x-other", "1")]);
+        let svc = layer(Some(app_auth())).layer(tower::service_fn(echo_headers));
+        let req = request("GET", "/x", &[("x-app-token", APP_TOKEN), ("x-other", "1")]);
         let resp = svc.oneshot(req).await.expect("passed");
         assert!(!resp.headers().contains_key("x-app-token"));
         assert_eq!(resp.headers()["x-other"], "1");

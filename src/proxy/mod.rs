@@ -126,3 +126,61 @@ pub fn refuse<F>(e: ProxyError) -> Checked<F> {
 pub fn pass<F>(f: F) -> Checked<F> {
     Either::Right(f)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::test_support::{fixture, over_h1, APP_TOKEN};
+    use tower::ServiceExt;
+
+    /// The status and error kind of `method uri` (with the app token if `token`) through the whole
+    /// stack over the fixture's routes; the `api` route's upstream refuses connections.
+    async fn through_stack(method: &str, uri: &str, token: bool) -> (u16, String) {
+        let f = fixture("").await;
+        let svc = stack(f.routes.clone(), 8);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "localhost");
+        if token {
+            req = req.header("x-app-token", APP_TOKEN);
+        }
+        let req = req.body(String::new()).expect("request");
+        let resp = over_h1(req, move |req| {
+            let svc = svc.clone();
+            async move {
+                let Ok(resp) = svc.oneshot(req).await;
+                resp
+            }
+        })
+        .await;
+        let kind = resp.headers().get(crate::error::ERROR_HEADER);
+        let kind = kind.map_or("-", |v| v.to_str().unwrap_or("?")).to_owned();
+        (resp.status().as_u16(), kind)
+    }
+
+    #[tokio::test]
+    async fn the_checks_come_in_order() {
+        let cases = [
+            (
+                "CONNECT",
+                "api.example.test:443",
+                false,
+                405,
+                "connect_not_supported",
+            ),
+            ("GET", "/nowhere", false, 403, "app_token"),
+            ("GET", "/nowhere", true, 404, "no_route"),
+            ("GET", "/api/..;/admin", true, 400, "bad_request"),
+            ("GET", "/api/x", true, 502, "upstream_unreachable"),
+        ];
+        for (method, uri, token, status, kind) in cases {
+            let got = through_stack(method, uri, token).await;
+            assert_eq!(
+                got,
+                (status, kind.to_owned()),
+                "{method} {uri} token: {token}"
+            );
+        }
+    }
+}

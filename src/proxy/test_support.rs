@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use super::{Outbound, RouteRef, Routed};
 use crate::body::{ReqBody, RespBody};
 use crate::cache::SecretCache;
-use crate::config::Config;
+use crate::config::{AppAuth, Config};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::routes::Routes;
@@ -86,7 +86,8 @@ impl SecretSource for TestSource {
 }
 
 /// Routes with their keys loaded: `api` (index 0, prefix `/api`, plus `api_settings`) and
-/// `maps` (index 1, host `maps.example.com`), both on the key `k1` of one secret.
+/// `maps` (index 1, host `maps.example.com`), both on the key `k1` of one secret; the app token
+/// [`APP_TOKEN`] in `x-app-token`.
 pub(crate) struct Fixture {
     /// The routes.
     pub(crate) routes: Arc<Routes>,
@@ -100,6 +101,17 @@ impl Fixture {
     /// The route at `index`.
     pub(crate) fn route(&self, index: usize) -> RouteRef {
         RouteRef::new(self.routes.clone(), index)
+    }
+}
+
+/// The fixture's app token.
+pub(crate) const APP_TOKEN: &str = "s3cret";
+
+/// The fixture's app token setting: [`APP_TOKEN`] in `x-app-token`.
+pub(crate) fn app_auth() -> AppAuth {
+    AppAuth {
+        header: http::header::HeaderName::from_static("x-app-token"),
+        token: Secret::new(APP_TOKEN),
     }
 }
 
@@ -139,7 +151,7 @@ pub(crate) async fn fixture(api_settings: &str) -> Fixture {
         &config.routes,
         slots,
         metrics,
-        None,
+        Some(app_auth()),
         true,
         config.connect_timeout,
         &tls,
