@@ -11,7 +11,9 @@
 //!     head parsing and rewriting, framing keyproxy writes, early answers; hands anything else
 //!     to the general engine mid-connection;
 //!   - [`proxy`]: the general engine (hyper; HTTP/2 on either side, chunked request bodies,
-//!     forward mode, the proxy's own answers).
+//!     forward mode, the proxy's own answers), a `tower` stack built in [`proxy::stack`], outer
+//!     to inner: observe (metrics, access log, errors → responses), refuse CONNECT, app token,
+//!     in-flight limit, routing, 401 replay, timeout, upstream (inject, rewrite, send, relay).
 //! - [`routes`]: what a route is at run time (settings, credential slot, metric handles, the
 //!   HTTP/1.1 [`pool`] and the hyper client), owned by neither engine; the 401 decision.
 //! - [`route`]: the request rules both engines call: route match by path prefix (reverse mode)

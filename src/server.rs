@@ -15,6 +15,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -28,7 +29,7 @@ use crate::forward;
 use crate::h1::{self, Rewind, Served};
 use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy;
 use crate::routes::Routes;
 use crate::secrets::aws::{self as aws_source, AwsSource};
 use crate::secrets::file::FileSource;
@@ -98,7 +99,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.connect_timeout,
         &tls,
     ));
-    let proxy = Arc::new(Proxy::new(routes.clone()));
+    // The general engine, built once: its clones share the in-flight request limit.
+    let general = proxy::stack(routes.clone(), config.max_connections);
     let admin_state = Arc::new(AdminState {
         cache: cache.clone(),
         metrics: metrics.clone(),
@@ -160,7 +162,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
+        let general = general.clone();
         let routes = routes.clone();
         let drain = drain.clone();
         let http = http.clone();
@@ -170,10 +172,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             // HTTP/1.1 to plain-http upstreams on the fast path; the rest of a connection goes
             // to hyper from the first request the fast path does not take.
             if let Served::Handoff(stream, read) = h1::serve(&routes, stream, &drain).await {
-                let svc = service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-                });
+                let svc = TowerToHyperService::new(general);
                 let conn = http.serve_connection(TokioIo::new(Rewind::new(stream, read)), svc);
                 let mut conn = std::pin::pin!(conn);
                 let result = tokio::select! {

@@ -34,7 +34,7 @@ pub const CONNECT_TIMEOUT: DurationSetting = DurationSetting {
     default: Duration::from_secs(5),
     min: Duration::from_millis(1),
 };
-/// `max_connections`: concurrent app connections.
+/// `max_connections`: concurrent app connections, and requests in flight on the general engine.
 pub const MAX_CONNECTIONS: usize = 4096;
 /// `access_log`: one log line per request.
 pub const ACCESS_LOG: bool = true;

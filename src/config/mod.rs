@@ -63,7 +63,9 @@ pub struct Config {
     /// ([`defaults::DRAIN_TIMEOUT`]).
     pub drain_timeout: Duration,
     /// Concurrent app connections; one more is answered 503 and closed
-    /// ([`defaults::MAX_CONNECTIONS`]).
+    /// ([`defaults::MAX_CONNECTIONS`]). Also the most requests in flight on the general engine
+    /// (HTTP/2 multiplexes many on one connection); one more is answered 503 at once
+    /// ([`crate::proxy::overload`]).
     pub max_connections: usize,
     /// Time allowed to connect (TCP + TLS) to an upstream ([`defaults::CONNECT_TIMEOUT`]).
     pub connect_timeout: Duration,

@@ -1,0 +1,296 @@
+//! The innermost service: one exchange with the upstream. Injects the credential (header or
+//! query parameter, the app's own removed), rewrites the URI and authority, drops hop-by-hop
+//! headers, sends with the route's pooled client (once more if the upstream certainly did not
+//! process it), and relays the answer with framing written anew.
+
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use http::header;
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use prometheus_client::metrics::histogram::Histogram;
+use tower::Service;
+
+use super::{Outbound, Routed};
+use crate::body::{ReqBody, RespBody};
+use crate::error::ProxyError;
+use crate::forward::strip_hop_by_hop;
+use crate::inject::{set_query, Credential, Injection};
+use crate::routes::Route;
+
+/// Sends a request to its route's upstream and relays the answer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Upstream;
+
+impl Service<Outbound> for Upstream {
+    type Response = Response<RespBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<RespBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        // The client queues on its own pool; there is nothing to wait for here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, out: Outbound) -> Self::Future {
+        Box::pin(exchange(out))
+    }
+}
+
+/// Rewrites, sends, relays.
+async fn exchange(out: Outbound) -> Result<Response<RespBody>, ProxyError> {
+    let Outbound {
+        routed: Routed { req, route, strip },
+        key,
+    } = out;
+    let cred = route
+        .slot
+        .credential(&key)
+        .ok_or_else(|| ProxyError::NoKey("no credential rendered for this route".into()))?;
+    let req = rewrite(&route, req, strip, cred)?;
+    let resp = send(&route, req).await?;
+    Ok(respond(resp, route.config.idle_timeout))
+}
+
+/// The upstream request: the route's scheme and authority, its base path, the path below the
+/// prefix, the credential in place of the app's own, end-to-end headers only.
+fn rewrite(
+    route: &Route,
+    req: Request<ReqBody>,
+    strip: usize,
+    cred: &Credential,
+) -> Result<Request<ReqBody>, ProxyError> {
+    // A request with both Content-Length and Transfer-Encoding never reaches this point as
+    // such: hyper drops the Content-Length, reads the chunked framing, and closes the
+    // connection after the answer (RFC 9112 §6.3). The upstream request is framed anew.
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    route.config.injection.strip_header(&mut headers);
+    // The upstream's authority goes in the URI only: over HTTP/1.1 the client writes it as
+    // `Host`, over HTTP/2 as `:authority`, and never both (RFC 9113 §8.3.1; nginx answers a
+    // request carrying both with 400).
+    headers.remove(header::HOST);
+    if matches!(body, ReqBody::Full(_)) {
+        // The body is in memory: its exact length is sent, whatever the app declared.
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let up = &route.config.upstream;
+    let uri = Uri::builder()
+        .scheme(up.scheme.clone())
+        .authority(up.authority.clone())
+        .path_and_query(path_and_query(route, &parts.uri, strip, cred)?)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))?;
+    if let (Credential::Header(v), Injection::Header { name, .. }) = (cred, &route.config.injection)
+    {
+        headers.insert(name.clone(), v.clone());
+    }
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = headers;
+    route.metrics.injected.inc();
+    Ok(out)
+}
+
+/// The upstream's path and query: base path, the app's path below the prefix, the app's query
+/// with the credential parameter set (query injection) or as sent.
+fn path_and_query(
+    route: &Route,
+    uri: &Uri,
+    strip: usize,
+    cred: &Credential,
+) -> Result<PathAndQuery, ProxyError> {
+    let query = uri.query();
+    let rest = uri.path().get(strip..).unwrap_or_default();
+    let base = &route.config.upstream.base_path;
+    let mut pq = String::with_capacity(base.len() + rest.len() + 64);
+    pq.push_str(base);
+    pq.push_str(rest);
+    if pq.is_empty() {
+        pq.push('/');
+    }
+    match (cred, &route.config.injection) {
+        (Credential::Query(pair), Injection::Query { param, .. }) => {
+            pq.push('?');
+            pq.push_str(&set_query(query, param, pair));
+        }
+        _ => {
+            if let Some(q) = &query {
+                pq.push('?');
+                pq.push_str(q);
+            }
+        }
+    }
+    PathAndQuery::try_from(pq)
+        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded".into()))
+}
+
+/// Observes `upstream_duration_seconds` when dropped: answered, failed, or cut off by the
+/// timeout layer.
+struct Timing<'a> {
+    /// When the request went out.
+    start: Instant,
+    /// The route's histogram.
+    histogram: &'a Histogram,
+}
+
+impl Drop for Timing<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Sends `req` with the route's client; once more when the upstream is known not to have
+/// processed it (refused, or above an HTTP/2 GOAWAY's last stream id), on a new connection, if
+/// its body can be sent again.
+async fn send(route: &Route, req: Request<ReqBody>) -> Result<Response<Incoming>, ProxyError> {
+    let _timing = Timing {
+        start: Instant::now(),
+        histogram: &route.metrics.upstream_seconds,
+    };
+    let client = &route.client;
+    let again = copy_if_resendable(&req);
+    let result = match (client.request(req).await, again) {
+        (Err(e), Some(again)) if unprocessed(&e) => {
+            tracing::debug!(route = %route.config.name, error = %e,
+                "the upstream did not process the request; sending it again");
+            client.request(again).await
+        }
+        (result, _) => result,
+    };
+    result.map_err(|e| ProxyError::Unreachable(describe_client_error(&e)))
+}
+
+/// The upstream's response, relayed: hop-by-hop headers dropped, body streamed, framing
+/// written anew by the app-facing side (one `Content-Length` at most).
+fn respond(resp: Response<Incoming>, idle: Duration) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // The client accepted repeated `Content-Length` lines only if they agree: keep one.
+    if let header::Entry::Occupied(mut e) = parts.headers.entry(header::CONTENT_LENGTH) {
+        let first = e.get().clone();
+        e.insert(first);
+    }
+    Response::from_parts(parts, RespBody::idle(body, idle))
+}
+
+/// A copy of `req` to send again, when its body is in memory.
+fn copy_if_resendable(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
+    let ReqBody::Full(body) = req.body() else {
+        return None;
+    };
+    let mut copy = Request::new(ReqBody::Full(body.clone()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether the upstream certainly did not process the request: HTTP/2 `REFUSED_STREAM`, or a
+/// stream cut by a graceful GOAWAY (`NO_ERROR`), which only reaches streams above the GOAWAY's
+/// last stream id (RFC 9113 §6.8, §8.7).
+fn unprocessed(e: &hyper_util::client::legacy::Error) -> bool {
+    causes(e)
+        .find_map(|err| err.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| {
+            h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+        })
+}
+
+/// A client error with its causes (connection refused, TLS failure, ...); carries no headers.
+fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+    let head = match (e.is_connect(), is_tls_error(e)) {
+        (true, true) => "TLS handshake with the upstream failed",
+        (true, false) => "cannot connect",
+        (false, _) => "the connection failed",
+    };
+    crate::error::with_causes(head.to_owned(), std::error::Error::source(e))
+}
+
+/// Whether a rustls error is in `e`'s chain. hyper-rustls wraps it in an `io::Error` inside
+/// another `io::Error`, and `io::Error::source()` skips its payload, so payloads are searched too.
+fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    causes(e).any(|err| {
+        err.is::<rustls::Error>()
+            || err
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| is_tls_error(inner))
+    })
+}
+
+/// `e` and its chain of sources.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| err.source())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::test_support::{fixture, Fixture};
+    use bytes::Bytes;
+
+    /// The fixture's `api` route (with `settings`) and the upstream request it makes of an app
+    /// request to `uri` with `headers` and `body`.
+    async fn rewritten(
+        settings: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: ReqBody,
+    ) -> (Fixture, Request<ReqBody>) {
+        let f = fixture(settings).await;
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let route = f.route(0);
+        let key = route.current().expect("key");
+        let cred = route.slot.credential(&key).expect("credential");
+        let out = rewrite(&route, b.body(body).expect("request"), 4, cred).expect("rewritten");
+        (f, out)
+    }
+
+    #[tokio::test]
+    async fn the_upstream_head_carries_the_key_and_only_end_to_end_headers() {
+        let headers = [
+            ("host", "localhost:8080"),
+            ("authorization", "Bearer the-apps-own"),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("content-length", "99"),
+            ("x-end", "2"),
+        ];
+        let body = ReqBody::full(Bytes::from_static(b"hello"));
+        let (f, out) = rewritten("", "/api/v1/x?q=1", &headers, body).await;
+        assert_eq!(out.uri(), "http://127.0.0.1:1/v1/x?q=1");
+        assert_eq!(out.version(), Version::HTTP_11);
+        let h = out.headers();
+        assert_eq!(h["authorization"], "Bearer k1");
+        assert_eq!(h.get_all("authorization").iter().count(), 1);
+        for gone in ["host", "connection", "x-hop", "content-length"] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+        assert_eq!(h["x-end"], "2");
+        assert_eq!(f.route(0).metrics.injected.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_query_credential_replaces_the_apps_own() {
+        let settings = "query_param = \"key\"";
+        let (_f, out) = rewritten(settings, "/api?key=mine&a=1", &[], ReqBody::empty()).await;
+        let query = out.uri().query().expect("query");
+        assert!(query.contains("key=k1") && query.contains("a=1"), "{query}");
+        assert!(!query.contains("mine"), "{query}");
+        assert_eq!(out.uri().path(), "/");
+    }
+}
