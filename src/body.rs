@@ -4,6 +4,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -34,6 +36,14 @@ pub enum ProxyBody {
         /// The rest.
         rest: Incoming,
     },
+    /// A request body streamed upstream that says when it ended: an answer that arrives before
+    /// then is an early one (the app is still sending).
+    Watched {
+        /// The body; taken (and so dropped) by [`Watch::abandon`].
+        body: Arc<Mutex<Option<ProxyBody>>>,
+        /// Set once the body has ended.
+        done: Arc<AtomicBool>,
+    },
     /// Streamed from the upstream, cut off when no frame arrives for `idle`.
     Idle {
         /// The upstream's body.
@@ -46,6 +56,31 @@ pub enum ProxyBody {
         /// it fires early (frames came meanwhile) it is moved to the new `last + idle`.
         timer: Option<Pin<Box<Sleep>>>,
     },
+}
+
+/// A watched body was abandoned: the upstream answered before it was all sent.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream answered before the request body was sent; the rest is not forwarded")]
+pub struct Abandoned;
+
+/// The other end of a [`ProxyBody::Watched`] body.
+#[derive(Debug)]
+pub struct Watch {
+    body: Arc<Mutex<Option<ProxyBody>>>,
+    done: Arc<AtomicBool>,
+}
+
+impl Watch {
+    /// Whether the body has ended (all of it went out).
+    pub fn ended(&self) -> bool {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Drops the body now: the app's connection stops being read for it, and the client gets
+    /// an error if it asks for more.
+    pub fn abandon(&self) {
+        drop(self.body.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
 }
 
 /// The request body type sent upstream.
@@ -73,6 +108,19 @@ impl ProxyBody {
         }
     }
 
+    /// `body`, and a [`Watch`] on it.
+    pub fn watched(body: ProxyBody) -> (ProxyBody, Watch) {
+        let watch = Watch {
+            body: Arc::new(Mutex::new(Some(body))),
+            done: Arc::new(AtomicBool::new(false)),
+        };
+        let watched = ProxyBody::Watched {
+            body: watch.body.clone(),
+            done: watch.done.clone(),
+        };
+        (watched, watch)
+    }
+
     /// An empty body.
     pub fn empty() -> ProxyBody {
         ProxyBody::Full(None)
@@ -94,6 +142,18 @@ impl Body for ProxyBody {
                 Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
                 None => Pin::new(rest).poll_frame(cx).map_err(Into::into),
             },
+            ProxyBody::Watched { body, done } => {
+                let mut body = body.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(inner) = body.as_mut() else {
+                    return Poll::Ready(Some(Err(Box::new(Abandoned))));
+                };
+                let frame = Pin::new(&mut *inner).poll_frame(cx);
+                // A client may stop asking once the body says it has ended (a known length).
+                if matches!(frame, Poll::Ready(None)) || inner.is_end_stream() {
+                    done.store(true, Ordering::Relaxed);
+                }
+                frame
+            }
             ProxyBody::Idle {
                 body,
                 idle,
@@ -129,6 +189,17 @@ impl Body for ProxyBody {
             ProxyBody::Full(b) => b.is_none(),
             ProxyBody::Stream(s) => s.is_end_stream(),
             ProxyBody::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            ProxyBody::Watched { body, done } => {
+                let ended = body
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .is_none_or(Body::is_end_stream);
+                if ended {
+                    done.store(true, Ordering::Relaxed);
+                }
+                ended
+            }
             ProxyBody::Idle { body, .. } => body.is_end_stream(),
         }
     }
@@ -137,6 +208,11 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ProxyBody::Stream(s) | ProxyBody::Idle { body: s, .. } => s.size_hint(),
+            ProxyBody::Watched { body, .. } => body
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map_or_else(SizeHint::default, Body::size_hint),
             ProxyBody::Prefixed { prefix, rest } => {
                 let p = prefix.as_ref().map_or(0, |b| b.len() as u64);
                 let r = rest.size_hint();

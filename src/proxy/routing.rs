@@ -13,7 +13,7 @@ use super::observe::Outcome;
 use super::{pass, refuse, Checked, RouteRef, Routed};
 use crate::body::RespBody;
 use crate::error::ProxyError;
-use crate::route::check_path;
+use crate::route::{check_path, host_rule, host_value_ok};
 use crate::routes::Routes;
 
 /// Builds [`Routing`] services.
@@ -79,18 +79,18 @@ where
     }
 }
 
-/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`; any request at most one.
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`, any request at most one, and
+/// its value is a host (the same rules as the HTTP/1.1 engine's, from [`crate::route`]).
 fn check_host_count<B>(req: &Request<B>) -> Result<(), ProxyError> {
-    let hosts = req.headers().get_all(header::HOST).iter().count();
-    match hosts {
-        0 if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest(
-            "an HTTP/1.1 request needs a Host header".into(),
-        )),
-        0 | 1 => Ok(()),
-        _ => Err(ProxyError::BadRequest(
-            "the request has more than one Host header".into(),
-        )),
+    let hosts = req.headers().get_all(header::HOST);
+    host_rule(req.version() == Version::HTTP_11, hosts.iter().count())
+        .map_err(|why| ProxyError::BadRequest(why.into()))?;
+    if hosts.iter().any(|v| !host_value_ok(v.as_bytes())) {
+        return Err(ProxyError::BadRequest(
+            "the Host header is not a host name".into(),
+        ));
     }
+    Ok(())
 }
 
 /// The route for a request, and how many leading bytes of the path its prefix takes.

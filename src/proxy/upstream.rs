@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use http::header;
+use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -18,7 +18,7 @@ use super::{Outbound, Routed};
 use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
 use crate::forward::strip_hop_by_hop;
-use crate::inject::{set_query, Credential, Injection};
+use crate::inject::{write_target, Credential, Injection};
 use crate::routes::Route;
 
 /// Sends a request to its route's upstream and relays the answer.
@@ -50,9 +50,33 @@ async fn exchange(out: Outbound) -> Result<Response<RespBody>, ProxyError> {
         .slot
         .credential(&key)
         .ok_or_else(|| ProxyError::NoKey("no credential rendered for this route".into()))?;
-    let req = rewrite(&route, req, strip, cred)?;
+    let app_http1 = matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
+    let mut req = rewrite(&route, req, strip, cred)?;
+    // A streamed body says when it has all gone out: an answer before then is an early one.
+    let sent = match std::mem::replace(req.body_mut(), ReqBody::empty()) {
+        body @ ReqBody::Full(_) => {
+            *req.body_mut() = body;
+            None
+        }
+        body => {
+            let (body, done) = ReqBody::watched(body);
+            *req.body_mut() = body;
+            Some(done)
+        }
+    };
     let resp = send(&route, req).await?;
-    Ok(respond(resp, route.config.idle_timeout))
+    let mut resp = respond(resp, route.config.idle_timeout)?;
+    if let Some(watch) = sent.filter(|w| !w.ended()) {
+        // An early answer: the rest of the app's body is not forwarded. Dropping it stops hyper
+        // reading it, and an HTTP/1 app connection closes after the answer, as on the HTTP/1.1
+        // engine.
+        watch.abandon();
+        if app_http1 {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    Ok(resp)
 }
 
 /// The upstream request: the route's scheme and authority, its base path, the path below the
@@ -79,10 +103,21 @@ fn rewrite(
         headers.remove(header::CONTENT_LENGTH);
     }
     let up = &route.config.upstream;
+    let mut target = Vec::with_capacity(up.base_path.len() + parts.uri.path().len() + 64);
+    write_target(
+        &mut target,
+        &up.base_path,
+        parts.uri.path().get(strip..).unwrap_or_default().as_bytes(),
+        parts.uri.query(),
+        cred,
+        &route.config.injection,
+    );
+    let path_and_query = PathAndQuery::try_from(target)
+        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded".into()))?;
     let uri = Uri::builder()
         .scheme(up.scheme.clone())
         .authority(up.authority.clone())
-        .path_and_query(path_and_query(route, &parts.uri, strip, cred)?)
+        .path_and_query(path_and_query)
         .build()
         .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))?;
     if let (Credential::Header(v), Injection::Header { name, .. }) = (cred, &route.config.injection)
@@ -96,39 +131,6 @@ fn rewrite(
     *out.headers_mut() = headers;
     route.metrics.injected.inc();
     Ok(out)
-}
-
-/// The upstream's path and query: base path, the app's path below the prefix, the app's query
-/// with the credential parameter set (query injection) or as sent.
-fn path_and_query(
-    route: &Route,
-    uri: &Uri,
-    strip: usize,
-    cred: &Credential,
-) -> Result<PathAndQuery, ProxyError> {
-    let query = uri.query();
-    let rest = uri.path().get(strip..).unwrap_or_default();
-    let base = &route.config.upstream.base_path;
-    let mut pq = String::with_capacity(base.len() + rest.len() + 64);
-    pq.push_str(base);
-    pq.push_str(rest);
-    if pq.is_empty() {
-        pq.push('/');
-    }
-    match (cred, &route.config.injection) {
-        (Credential::Query(pair), Injection::Query { param, .. }) => {
-            pq.push('?');
-            pq.push_str(&set_query(query, param, pair));
-        }
-        _ => {
-            if let Some(q) = &query {
-                pq.push('?');
-                pq.push_str(q);
-            }
-        }
-    }
-    PathAndQuery::try_from(pq)
-        .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded".into()))
 }
 
 /// Observes `upstream_duration_seconds` when dropped: answered, failed, or cut off by the
@@ -168,16 +170,48 @@ async fn send(route: &Route, req: Request<ReqBody>) -> Result<Response<Incoming>
 }
 
 /// The upstream's response, relayed: hop-by-hop headers dropped, body streamed, framing
-/// written anew by the app-facing side (one `Content-Length` at most).
-fn respond(resp: Response<Incoming>, idle: Duration) -> Response<RespBody> {
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    // The client accepted repeated `Content-Length` lines only if they agree: keep one.
-    if let header::Entry::Occupied(mut e) = parts.headers.entry(header::CONTENT_LENGTH) {
-        let first = e.get().clone();
-        e.insert(first);
+/// written anew by the app-facing side: one `Content-Length` at most, none beside a
+/// `Transfer-Encoding`, and the app's own HTTP version. A status outside 100–599, or a `101`
+/// nobody asked for (keyproxy never forwards `Upgrade`), is a 502.
+fn respond(resp: Response<Incoming>, idle: Duration) -> Result<Response<RespBody>, ProxyError> {
+    let status = resp.status().as_u16();
+    if !(100..=599).contains(&status) || status == 101 {
+        return Err(ProxyError::Unreachable(format!(
+            "the upstream sent {}",
+            if status == 101 {
+                "101 Switching Protocols without being asked".to_owned()
+            } else {
+                format!("an invalid status code {status}")
+            }
+        )));
     }
-    Response::from_parts(parts, RespBody::idle(body, idle))
+    let (mut parts, body) = resp.into_parts();
+    let transfer = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    strip_hop_by_hop(&mut parts.headers);
+    if let header::Entry::Occupied(mut e) = parts.headers.entry(header::CONTENT_LENGTH) {
+        // The client took repeated lengths (lines or a list) only if they agree: keep one value.
+        // Beside `Transfer-Encoding` the length is meaningless (RFC 9112 §6.3) and goes.
+        let first = e
+            .get()
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| HeaderValue::from_str(v).ok());
+        match first {
+            Some(v) if !transfer => {
+                e.insert(v);
+            }
+            _ => {
+                e.remove_entry_mult().1.for_each(drop);
+            }
+        }
+    }
+    // hyper writes the app's own version; a response marked HTTP/2 would keep an HTTP/1.0 app's
+    // keep-alive connection open without saying so.
+    parts.version = Version::HTTP_11;
+    Ok(Response::from_parts(parts, RespBody::idle(body, idle)))
 }
 
 /// A copy of `req` to send again, when its body is in memory.
