@@ -63,7 +63,7 @@ fn roots(ca_bundle: Option<&std::path::Path>) -> Result<rustls::RootCertStore, C
     Ok(store)
 }
 
-/// The TLS settings for upstreams: ring, TLS 1.2 and 1.3, the roots of [`roots`], no ALPN.
+/// The TLS settings for upstreams: ring, TLS 1.2 and 1.3, the roots of `roots`, no ALPN.
 pub fn tls_config(
     ca_bundle: Option<&std::path::Path>,
 ) -> Result<rustls::ClientConfig, ClientError> {
@@ -205,6 +205,31 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn hop_by_hop_names() {
+        for n in [
+            "Connection",
+            "keep-alive",
+            "TE",
+            "Trailer",
+            "Upgrade",
+            "Transfer-Encoding",
+            "Proxy-Authenticate",
+            "proxy-authorization",
+            "Proxy-Connection",
+        ] {
+            assert!(is_hop_by_hop(n), "{n}");
+        }
+        for n in [
+            "content-length",
+            "x-te",
+            "authorization",
+            "upgrade-insecure",
+        ] {
+            assert!(!is_hop_by_hop(n), "{n}");
+        }
     }
 
     #[test]

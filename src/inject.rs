@@ -190,6 +190,37 @@ impl Injection {
     }
 }
 
+/// Writes the upstream request target into `out`: the upstream's base path, the rest of the
+/// app's path (after the route's prefix), then the query, with the credential set as a query
+/// parameter when the route places it there (the app's own value for it removed). The one
+/// place both engines build a target.
+pub fn write_target(
+    out: &mut Vec<u8>,
+    base: &str,
+    rest: &[u8],
+    query: Option<&str>,
+    cred: &Credential,
+    injection: &Injection,
+) {
+    out.extend_from_slice(base.as_bytes());
+    out.extend_from_slice(rest);
+    if base.is_empty() && rest.is_empty() {
+        out.push(b'/');
+    }
+    match (cred, injection) {
+        (Credential::Query(pair), Injection::Query { param, .. }) => {
+            out.push(b'?');
+            out.extend_from_slice(set_query(query, param, pair).as_bytes());
+        }
+        _ => {
+            if let Some(q) = query {
+                out.push(b'?');
+                out.extend_from_slice(q.as_bytes());
+            }
+        }
+    }
+}
+
 /// Returns `query` without any pair named `param` (compared after percent-decoding), with the
 /// rendered `pair` appended.
 pub fn set_query(query: Option<&str>, param: &str, pair: &str) -> String {

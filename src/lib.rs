@@ -4,17 +4,27 @@
 //! forwards them to the real API with the key added, and replays a request once when the API
 //! answers 401 after a rotation. The modules, in the order a request meets them:
 //!
-//! - [`server`]: binds the app and admin listeners, accepts connections, drains on shutdown.
-//! - [`proxy`]: the general engine, a `tower` stack built in [`proxy::stack`], outer to inner:
-//!   observe (metrics, access log, errors → responses), refuse CONNECT, app token, in-flight
-//!   limit, routing, 401 replay, timeout, upstream (inject, rewrite, send, relay).
-//! - [`route`]: request → route by path prefix (reverse mode) or host (forward mode); path checks.
+//! - [`server`]: binds the app and admin listeners, accepts connections, hands each to an
+//!   engine, drains on shutdown ([`drain`]: the shutdown signal every connection watches).
+//! - Two engines, which import neither the server nor each other:
+//!   - [`h1`]: the HTTP/1.1 engine (the fast path) for routes whose upstream speaks HTTP/1.1:
+//!     head parsing and rewriting, framing keyproxy writes, early answers; hands anything else
+//!     to the general engine mid-connection;
+//!   - [`proxy`]: the general engine (hyper; HTTP/2 on either side, chunked request bodies,
+//!     forward mode, the proxy's own answers), a `tower` stack built in [`proxy::stack`], outer
+//!     to inner: observe (metrics, access log, errors → responses), refuse CONNECT, app token,
+//!     in-flight limit, routing, 401 replay, timeout, upstream (inject, rewrite, send, relay).
+//! - [`routes`]: what a route is at run time (settings, credential slot, metric handles, the
+//!   HTTP/1.1 [`pool`] and the hyper client), owned by neither engine; the 401 decision.
+//! - [`route`]: the request rules both engines call: route match by path prefix (reverse mode)
+//!   or host (forward mode), path checks, the `Host` count, the app token.
+//! - [`inject`]: value templates (`Bearer {secret}`), header and query-parameter credentials,
+//!   the upstream target.
+//! - [`limits`]: limits and timeouts both engines apply.
 //! - [`cache`]: one `ArcSwap` entry per (secret, stage); background refresh with jitter and
 //!   backoff; single-flight, rate-limited refresh for the 401 path.
-//! - [`inject`]: value templates (`Bearer {secret}`), header and query-parameter credentials.
 //! - [`retry`]: keeps request bodies up to `max_replay_body` so a 401 can be replayed.
-//! - [`h1`]: the HTTP/1.1 fast path for plain-http upstreams; hands anything else to hyper.
-//! - [`forward`]: the pooled rustls upstream client; hop-by-hop header handling.
+//! - [`forward`]: the pooled rustls upstream client (hyper); hop-by-hop header handling.
 //! - [`body`]: request/response body type (streamed, buffered, or both) without boxing.
 //! - [`error`]: the proxy's own errors, and the one place they become responses.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`admin_client`]: `keyproxy health`.

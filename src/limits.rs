@@ -24,3 +24,7 @@ pub const LINGER: Duration = Duration::from_secs(2);
 
 /// The most bytes read and discarded while lingering.
 pub const LINGER_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Longest wait for the next bytes of a request body from the app (nginx's
+/// `client_body_timeout`); then the connection is closed.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,5 +1,8 @@
-//! Request → route. Fail closed: a request matches a configured path prefix or host, or nothing
-//! is forwarded.
+//! The request rules both engines call, so each lives once: request → route, path checks, the
+//! `Host` count, the app token.
+//!
+//! Routing fails closed: a request matches a configured path prefix or host, or nothing is
+//! forwarded.
 //!
 //! - Reverse mode (origin-form, `GET /payments/charges`): the longest `path_prefix` that matches
 //!   on a segment boundary wins, and is stripped.
@@ -11,7 +14,8 @@ use std::collections::HashMap;
 
 use percent_encoding::percent_decode_str;
 
-use crate::config::RouteConfig;
+use crate::config::{AppAuth, RouteConfig};
+use subtle::ConstantTimeEq;
 
 /// Which route, and the path to send upstream (below the upstream's base path).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +116,51 @@ pub fn check_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`, any other at most one.
+/// `Err`: why the request is refused (400).
+pub fn host_rule(http11: bool, hosts: usize) -> Result<(), &'static str> {
+    match hosts {
+        0 if http11 => Err("an HTTP/1.1 request needs a Host header"),
+        0 | 1 => Ok(()),
+        _ => Err("the request has more than one Host header"),
+    }
+}
+
+/// Whether a `Host` value is a valid `uri-host [":" port]` (RFC 9112 §3.2, RFC 3986 §3.2.2):
+/// registered-name characters, `%`-escapes, an IP literal in brackets; empty is allowed. A list
+/// (`a.example, b.example`), white space, `/`, `\\`, `@` and the like are refused (400).
+pub fn host_value_ok(v: &[u8]) -> bool {
+    v.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
+}
+
+/// Whether the app sent the configured token (compared in constant time). `sent`: the first
+/// value of the token header, if any.
+pub fn app_token_ok(auth: &AppAuth, sent: Option<&[u8]>) -> bool {
+    sent.is_some_and(|v| bool::from(v.ct_eq(auth.token.expose().as_bytes())))
+}
+
 /// Whether a path segment is `.` or `..`, with or without path parameters after `;`.
 fn dot_segment(seg: &[u8]) -> bool {
     let name = seg.split(|b| *b == b';').next().unwrap_or(seg);
@@ -204,6 +253,35 @@ mod tests {
         assert_eq!(r.by_host("mail.example.com:8443"), Some(4));
         assert_eq!(r.by_host("mail.example.com"), None);
         assert_eq!(r.by_host("evil.example.com"), None);
+    }
+
+    #[test]
+    fn host_values_and_counts() {
+        for good in [
+            "api.example.com",
+            "127.0.0.1:8080",
+            "[::1]:443",
+            "",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(host_value_ok(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "a.test, b.test",
+            "a.test,b.test",
+            "a b",
+            "a/b",
+            "a\\b",
+            "user@a",
+            "a\tb",
+            "\"a\"",
+        ] {
+            assert!(!host_value_ok(bad.as_bytes()), "{bad}");
+        }
+        assert!(host_rule(true, 1).is_ok());
+        assert!(host_rule(false, 0).is_ok());
+        assert!(host_rule(true, 0).is_err());
+        assert!(host_rule(false, 2).is_err());
     }
 
     #[test]

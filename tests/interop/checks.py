@@ -21,7 +21,8 @@ def echo_json(reply, stack, status=200):
 
 
 def summary(reply):
-    """The echo's x-echo-summary: method, hosts, auths (for answers without a body)."""
+    """The echo's x-echo-summary: method, hosts, auths, protocols (for answers without the
+    echo's JSON body)."""
     text = reply.header("x-echo-summary")
     assert text, f"no x-echo-summary: the echo did not answer ({reply.describe()})"
     return json.loads(text)
@@ -54,6 +55,9 @@ def check_summary(reply, stack, route, method):
     s = summary(reply)
     assert s["method"] == method, f"method at the upstream: {s['method']}"
     check_credential_and_host(s["hosts"], s["auths"], stack, route)
+    as_seen = {"headers": [["x-interop-front-proto", v] for v in s["front_proto"]],
+               "protocol": s["protocol"]}
+    check_protocol(as_seen, stack, route, reply.request_id)
 
 
 def expected_protocol(stack, route):

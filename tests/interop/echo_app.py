@@ -13,8 +13,8 @@ upstream of its own.
                                 each try is appended to KEYS_DIR/NAME.log as "ok" or "401"
 
 Every answer carries `x-interop-run` (proof that this process answered, not a stranger on the
-port) and `x-echo-summary`, a compact JSON of what the request carried, so that HEAD and 204
-answers, which have no body, can be checked too.
+port) and `x-echo-summary`, a compact JSON of what the request carried, so that HEAD, 204 and
+streamed answers, which have no echo body, can be checked too.
 
 Run as a script: python echo_app.py --port N [--certfile F --keyfile F] (env INTEROP_RUN,
 INTEROP_KEYS_DIR).
@@ -96,7 +96,9 @@ def summary_header(seen):
     """The few facts a body-less answer (HEAD, 204) still has to show."""
     hosts = [v for n, v in seen["headers"] if n.lower() in ("host", ":authority")]
     auths = [v for n, v in seen["headers"] if n.lower() == "authorization"]
-    text = json.dumps({"method": seen["method"], "hosts": hosts, "auths": auths},
+    front = [v for n, v in seen["headers"] if n.lower() == "x-interop-front-proto"]
+    text = json.dumps({"method": seen["method"], "hosts": hosts, "auths": auths,
+                       "front_proto": front, "protocol": seen["protocol"]},
                       separators=(",", ":"))
     return (b"x-echo-summary", text.encode("latin-1"))
 

@@ -31,10 +31,18 @@ function receivedHeaders(req) {
   return out;
 }
 
+function valuesOf(seen, ...names) {
+  return seen.headers.filter(([n]) => names.includes(n.toLowerCase())).map(([, v]) => v);
+}
+
 function summary(seen) {
-  const hosts = seen.headers.filter(([n]) => ['host', ':authority'].includes(n.toLowerCase())).map(([, v]) => v);
-  const auths = seen.headers.filter(([n]) => n.toLowerCase() === 'authorization').map(([, v]) => v);
-  return JSON.stringify({ method: seen.method, hosts, auths });
+  return JSON.stringify({
+    method: seen.method,
+    hosts: valuesOf(seen, 'host', ':authority'),
+    auths: valuesOf(seen, 'authorization'),
+    front_proto: valuesOf(seen, 'x-interop-front-proto'),
+    protocol: seen.protocol,
+  });
 }
 
 function bigHeaderValue(index, size) {
@@ -44,7 +52,9 @@ function bigHeaderValue(index, size) {
 
 function answer(res, seen, status, extra = {}) {
   const body = status === 204 || status === 304 ? '' : JSON.stringify(seen);
-  const headers = { 'x-interop-run': RUN, 'x-echo-summary': summary(seen), 'content-type': 'application/json', ...extra };
+  const headers = {
+    'x-interop-run': RUN, 'x-echo-summary': summary(seen), 'content-type': 'application/json', ...extra,
+  };
   if (body) headers['content-length'] = Buffer.byteLength(body);
   res.writeHead(status, headers);
   res.end(seen.method === 'HEAD' ? undefined : body);
@@ -75,7 +85,9 @@ function route(url, req, res, seen) {
   if (p.startsWith('/stream')) {
     const n = Number(url.searchParams.get('n') || 5);
     const delay = Number(url.searchParams.get('delay') || 0.2) * 1000;
-    res.writeHead(200, { 'x-interop-run': RUN, 'x-echo-summary': summary(seen), 'content-type': 'text/plain' });
+    res.writeHead(200, {
+      'x-interop-run': RUN, 'x-echo-summary': summary(seen), 'content-type': 'text/plain',
+    });
     let i = 0;
     const next = () => {
       res.write(`chunk ${i}\n`);
@@ -94,7 +106,7 @@ function route(url, req, res, seen) {
   } else if (p.startsWith('/keyed/')) {
     const name = p.split('/')[2];
     const want = `Bearer ${fs.readFileSync(path.join(KEYS_DIR, name), 'utf8').trim()}`;
-    const auths = seen.headers.filter(([n]) => n.toLowerCase() === 'authorization').map(([, v]) => v);
+    const auths = valuesOf(seen, 'authorization');
     const ok = auths.length === 1 && auths[0] === want;
     fs.appendFileSync(path.join(KEYS_DIR, `${name}.log`), ok ? 'ok\n' : '401\n');
     answer(res, seen, ok ? 200 : 401);

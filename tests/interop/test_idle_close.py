@@ -37,16 +37,21 @@ def closes_logged(stack, http2):
 def test_request_after_idle_close(idle_stack, http2):
     stack = idle_stack
     route = stack.route(route_kind(http2))
+    replies = []
     for round_no in range(ROUNDS):
         closes_before = closes_logged(stack, http2)
-        reply = appclient.send(stack.kp.port, "GET", f"{route.prefix}/echo/idle{round_no}")
-        seen = checks.echo_json(reply, stack)
-        checks.check_seen(seen, stack, route, reply.request_id)
+        replies.append(appclient.send(stack.kp.port, "GET", f"{route.prefix}/echo/idle{round_no}"))
         time.sleep(IDLE_MS / 1000 + 0.7)
         assert closes_logged(stack, http2) > closes_before, (
             "the upstream did not close the idle connection; the cell tests nothing")
-    reply = appclient.send(stack.kp.port, "GET", f"{route.prefix}/echo/after-idle")
-    checks.check_seen(checks.echo_json(reply, stack), stack, route, reply.request_id)
+    replies.append(appclient.send(stack.kp.port, "GET", f"{route.prefix}/echo/after-idle"))
+    # First what the cell is about: every request, after an idle close, got the upstream's
+    # answer; then what every cell checks.
+    statuses = [r.status for r in replies]
+    assert statuses == [200] * len(replies), (
+        "after the idle close: " + "; ".join(r.describe() for r in replies if r.status != 200))
+    for reply in replies:
+        checks.check_seen(checks.echo_json(reply, stack), stack, route, reply.request_id)
 
 
 RACE_OFFSETS_MS = range(-50, 51, 10)
