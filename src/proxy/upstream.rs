@@ -18,7 +18,7 @@ use super::{Outbound, Routed};
 use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
 use crate::forward::strip_hop_by_hop;
-use crate::inject::{set_query, Credential, Injection};
+use crate::inject::{write_target, Credential, Injection};
 use crate::routes::Route;
 
 /// Sends a request to its route's upstream and relays the answer.
@@ -98,35 +98,20 @@ fn rewrite(
     Ok(out)
 }
 
-/// The upstream's path and query: base path, the app's path below the prefix, the app's query
-/// with the credential parameter set (query injection) or as sent.
+/// The upstream's path and query ([`write_target`], as the HTTP/1.1 engine writes it): base
+/// path, the app's path below the prefix, the app's query with the credential parameter set
+/// (query injection) or as sent.
 fn path_and_query(
     route: &Route,
     uri: &Uri,
     strip: usize,
     cred: &Credential,
 ) -> Result<PathAndQuery, ProxyError> {
-    let query = uri.query();
     let rest = uri.path().get(strip..).unwrap_or_default();
     let base = &route.config.upstream.base_path;
-    let mut pq = String::with_capacity(base.len() + rest.len() + 64);
-    pq.push_str(base);
-    pq.push_str(rest);
-    if pq.is_empty() {
-        pq.push('/');
-    }
-    match (cred, &route.config.injection) {
-        (Credential::Query(pair), Injection::Query { param, .. }) => {
-            pq.push('?');
-            pq.push_str(&set_query(query, param, pair));
-        }
-        _ => {
-            if let Some(q) = &query {
-                pq.push('?');
-                pq.push_str(q);
-            }
-        }
-    }
+    let mut pq = Vec::with_capacity(base.len() + rest.len() + 64);
+    let injection = &route.config.injection;
+    write_target(&mut pq, base, rest.as_bytes(), uri.query(), cred, injection);
     PathAndQuery::try_from(pq)
         .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded".into()))
 }
