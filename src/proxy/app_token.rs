@@ -1,17 +1,18 @@
 //! The app token check: with `[app_auth]` set, a request must carry the token in the configured
-//! header (compared in constant time), and the header goes no further.
+//! header (compared in constant time by [`app_token_ok`], the rule both engines apply), and the
+//! header goes no further.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use subtle::ConstantTimeEq;
 use tower::{Layer, Service};
 
 use super::{pass, refuse, Checked};
 use crate::body::RespBody;
 use crate::config::AppAuth;
 use crate::error::ProxyError;
+use crate::route::app_token_ok;
 
 /// Builds [`AppToken`] services.
 #[derive(Clone, Debug)]
@@ -62,11 +63,8 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if let Some(auth) = &self.auth {
-            let ok = req
-                .headers()
-                .get(&auth.header)
-                .is_some_and(|v| bool::from(v.as_bytes().ct_eq(auth.token.expose().as_bytes())));
-            if !ok {
+            let sent = req.headers().get(&auth.header).map(|v| v.as_bytes());
+            if !app_token_ok(auth, sent) {
                 return refuse(ProxyError::AppToken(auth.header.to_string()));
             }
             req.headers_mut().remove(&auth.header);

@@ -26,7 +26,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 
-use crate::body::RespBody;
+use crate::body::{ReqBody, RespBody};
 use crate::cache::Loaded;
 use crate::error::ProxyError;
 use crate::routes::{Route, Routes};
@@ -109,7 +109,7 @@ pub struct Routed<B> {
 #[derive(Debug)]
 pub struct Outbound {
     /// The request, its route and prefix length.
-    pub routed: Routed<crate::body::ReqBody>,
+    pub routed: Routed<ReqBody>,
     /// The route's credentials for this attempt.
     pub key: Arc<Loaded>,
 }

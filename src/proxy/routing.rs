@@ -1,4 +1,4 @@
-//! Request → route, fail closed: checks the `Host` count, matches a route (reverse mode by path
+//! Request → route, fail closed: checks `Host` (one, and a host), matches a route (reverse mode by path
 //! prefix, forward mode by host), checks the path, and hands the inner layers a [`Routed`]
 //! request. No match: [`ProxyError::NoRoute`] (404), nothing forwarded.
 
@@ -61,7 +61,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Err(e) = check_host_count(&req) {
+        if let Err(e) = check_host(&req) {
             return refuse(e);
         }
         let (index, strip) = match find(&self.routes, &req) {
@@ -79,15 +79,15 @@ where
     }
 }
 
-/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`, any request at most one, and
-/// its value is a host (the same rules as the HTTP/1.1 engine's, from [`crate::route`]).
-fn check_host_count<B>(req: &Request<B>) -> Result<(), ProxyError> {
+/// The `Host` rules both engines apply ([`host_rule`], [`host_value_ok`]): exactly one `Host`
+/// on an HTTP/1.1 request, at most one on any other, and its value a host.
+fn check_host<B>(req: &Request<B>) -> Result<(), ProxyError> {
     let hosts = req.headers().get_all(header::HOST);
     host_rule(req.version() == Version::HTTP_11, hosts.iter().count())
-        .map_err(|why| ProxyError::BadRequest(why.into()))?;
+        .map_err(|e| ProxyError::BadRequest(e.into()))?;
     if hosts.iter().any(|v| !host_value_ok(v.as_bytes())) {
         return Err(ProxyError::BadRequest(
-            "the Host header is not a host name".into(),
+            "the Host header is not a host (one host name or address, and a port)".into(),
         ));
     }
     Ok(())
@@ -179,6 +179,11 @@ mod tests {
             (request("GET", "/api/x", &[]), "bad_request"),
             (
                 request("GET", "/api/x", &[("host", "a"), ("host", "b")]),
+                "bad_request",
+            ),
+            (request("GET", "/api/x", &[("host", "a, b")]), "bad_request"),
+            (
+                request("GET", "/api/x", &[("host", "user@a")]),
                 "bad_request",
             ),
             (
