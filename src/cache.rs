@@ -4,7 +4,8 @@
 //! secret, rendered when the secret changes. The request path does one atomic load
 //! ([`Entry::current`]) and never any I/O. One background task per entry refreshes it every
 //! `refresh_interval` ± 10% jitter; a failure keeps the last good value (stale-if-error) and
-//! retries with exponential backoff. A value that cannot be used (bad JSON, missing field, bytes
+//! retries after a full-jitter backoff ([`crate::backoff`]); a throttle closes the process-wide
+//! [`ThrottleGate`] for every entry. A value that cannot be used (bad JSON, missing field, bytes
 //! that cannot go in a header) is refused, logged with the secret id and the reason, and the last
 //! good value stays.
 //!
@@ -26,6 +27,7 @@ use rand::Rng;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
+use crate::backoff::{self, ThrottleGate};
 use crate::config::RouteConfig;
 use crate::inject::{Credential, Injection};
 use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
@@ -143,6 +145,8 @@ pub struct Entry {
     cooldown: Duration,
     /// Try `AWSPENDING` when a 401 persists with the current version (stage `AWSCURRENT` only).
     pending_fallback: bool,
+    /// The process-wide pause after a throttle, shared by every entry.
+    gate: Arc<ThrottleGate>,
     source: Arc<dyn SecretSource>,
     metrics: Arc<Metrics>,
     label: SecretLabel,
@@ -216,11 +220,12 @@ impl Entry {
     fn record_error(&self, err: SourceError) {
         self.count(err.kind());
         let stale = self.is_loaded();
+        let error_kind = err.kind();
         if stale {
-            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err,
+            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err, error_kind,
                 "secret refresh failed; serving the last good value");
         } else {
-            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err,
+            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err, error_kind,
                 "secret fetch failed; routes using it answer 503 until it succeeds");
         }
         self.metrics
@@ -232,9 +237,27 @@ impl Entry {
         }
     }
 
-    /// One read of `stage`.
+    /// One read of `stage`, with the throttle gate's bookkeeping: a throttle closes the gate for
+    /// every entry of the process; an answer from Secrets Manager opens it.
     async fn call(&self, stage: &str) -> Result<SecretVersion, SourceError> {
-        self.source.fetch(&self.secret_id, stage).await
+        let started = Instant::now();
+        let result = self.source.fetch(&self.secret_id, stage).await;
+        match &result {
+            Err(SourceError::Throttled { .. }) => {
+                let cap = backoff::cap(self.is_loaded(), self.interval);
+                let wait = self.gate.throttled(started, cap);
+                tracing::debug!(secret = %self.secret_id, stage, error_kind = "throttled",
+                    streak = self.gate.streak(), wait_ms = wait.as_millis() as u64,
+                    "Secrets Manager is throttling: no call from this process until the wait is over");
+            }
+            Err(
+                SourceError::Timeout { .. }
+                | SourceError::Unreachable { .. }
+                | SourceError::Other { .. },
+            ) => {}
+            Ok(_) | Err(_) => self.gate.answered(),
+        }
+        result
     }
 
     /// Fetches once and installs the value if usable. Callers hold `fetch_lock`.
@@ -351,7 +374,8 @@ impl Entry {
                 return PendingRead::Absent;
             }
             Err(e) => {
-                tracing::warn!(secret = %self.secret_id, error = %e, "reading AWSPENDING after a 401 failed");
+                tracing::warn!(secret = %self.secret_id, error = %e, error_kind = e.kind(),
+                    "reading AWSPENDING after a 401 failed");
                 return PendingRead::Nothing;
             }
         };
@@ -397,7 +421,8 @@ impl Entry {
 
     /// The 401 path: the credentials in `seen` were refused upstream. Returns the credentials to
     /// use now, which are `seen` itself when nothing newer could be had: Secrets Manager still
-    /// holds the same value and the cooldown of a fruitless fetch holds. Right after a fruitless fetch, while a rotation may be about to
+    /// holds the same value and the cooldown of a fruitless fetch holds, or Secrets Manager is
+    /// throttling this process. Right after a fruitless fetch, while a rotation may be about to
     /// store its key, the caller may wait up to [`PROBE_WINDOW`] for the probes.
     pub async fn refresh_now(&self, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
         // Newer means other credentials, not just another `Arc`: a pending value re-stored as
@@ -414,6 +439,10 @@ impl Entry {
             let mut guard = self.fetch_lock.lock().await;
             let cur = self.current();
             if newer(&cur) {
+                return cur;
+            }
+            if self.gate.closed_for().is_some() {
+                // Secrets Manager is throttling this process: the 401 path adds no call.
                 return cur;
             }
             let now = Instant::now();
@@ -463,27 +492,29 @@ impl Entry {
         }
     }
 
-    /// The background loop: fetch, then sleep `interval` ± 10% (or back off after a failure).
+    /// The background loop: fetch, then sleep `interval` ± 10% after a success, or a
+    /// full-jitter backoff after a failure: the throttle gate's wait after a throttle, else a
+    /// window from 1 s doubling per failure in a row.
     async fn run(self: Arc<Self>) {
-        let first_backoff = Duration::from_millis(500);
-        let mut backoff = first_backoff;
+        let mut failures = 0u32;
         loop {
+            // Another entry's call may have been throttled while this one slept.
+            while let Some(wait) = self.gate.closed_for() {
+                tokio::time::sleep(wait).await;
+            }
             let wait = match self.refresh().await {
                 Ok(()) => {
-                    backoff = first_backoff;
+                    failures = 0;
                     jitter(self.interval)
                 }
+                Err(SourceError::Throttled { .. }) => {
+                    failures = failures.saturating_add(1);
+                    self.gate.closed_for().unwrap_or_default()
+                }
                 Err(_) => {
-                    let w = backoff;
-                    // Without any value, retry soon so the proxy becomes ready quickly; with a
-                    // stale value, back off further, up to the refresh interval.
-                    let cap = if self.is_loaded() {
-                        self.interval.min(Duration::from_secs(300))
-                    } else {
-                        Duration::from_secs(10)
-                    };
-                    backoff = (backoff * 2).min(cap.max(first_backoff));
-                    jitter(w)
+                    failures = failures.saturating_add(1);
+                    let cap = backoff::cap(self.is_loaded(), self.interval);
+                    backoff::full_jitter(backoff::window(backoff::FIRST_WINDOW, failures, cap))
                 }
             };
             tokio::time::sleep(wait).await;
@@ -549,6 +580,7 @@ impl SecretCache {
         }
         let mut slots: Vec<Option<Slot>> = vec![None; routes.len()];
         let mut entries = Vec::new();
+        let gate = Arc::new(ThrottleGate::default());
         for ((secret_id, stage), members) in groups {
             let consumers = members
                 .iter()
@@ -587,6 +619,7 @@ impl SecretCache {
                 interval,
                 cooldown,
                 pending_fallback,
+                gate: gate.clone(),
                 source: source.clone(),
                 metrics: metrics.clone(),
                 label,
@@ -654,6 +687,8 @@ mod tests {
         value: Mutex<Result<(String, String), SourceError>>,
         pending: Mutex<Option<(String, String)>>,
         fetches: AtomicUsize,
+        /// When each fetch started.
+        starts: Mutex<Vec<Instant>>,
         delay: Duration,
     }
 
@@ -663,6 +698,7 @@ mod tests {
                 value: Mutex::new(Ok((v.to_owned(), "v1".to_owned()))),
                 pending: Mutex::new(None),
                 fetches: AtomicUsize::new(0),
+                starts: Mutex::new(Vec::new()),
                 delay: Duration::from_millis(50),
             })
         }
@@ -670,10 +706,13 @@ mod tests {
             *self.value.lock().expect("lock") = Ok((v.to_owned(), version.to_owned()));
         }
         fn fail(&self) {
-            *self.value.lock().expect("lock") = Err(SourceError::Throttled {
+            self.fail_with(SourceError::Throttled {
                 id: "s".into(),
                 detail: "ThrottlingException".into(),
             });
+        }
+        fn fail_with(&self, e: SourceError) {
+            *self.value.lock().expect("lock") = Err(e);
         }
         fn fetches(&self) -> usize {
             self.fetches.load(Ordering::SeqCst)
@@ -688,6 +727,7 @@ mod tests {
         ) -> BoxFuture<'a, Result<SecretVersion, SourceError>> {
             Box::pin(async move {
                 self.fetches.fetch_add(1, Ordering::SeqCst);
+                self.starts.lock().expect("lock").push(Instant::now());
                 tokio::time::sleep(self.delay).await;
                 let v = if stage == "AWSPENDING" {
                     self.pending
@@ -968,20 +1008,31 @@ mod tests {
         assert!((6..=30).contains(&n), "{n} fetches in three cooldowns");
     }
 
+    /// Entries over one route each (secret ids `a` and `b`); the fake ignores the id.
+    fn two_secrets(src: Arc<FakeSource>) -> (SecretCache, Vec<Slot>) {
+        let mut b = route("b", None);
+        b.secret_id = "b".into();
+        SecretCache::new(&[route("a", None), b], src, Arc::new(Metrics::new()))
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn background_task_refreshes_and_backs_off() {
+    async fn background_task_backs_off_with_full_jitter() {
         let src = FakeSource::new("k1");
-        src.fail();
+        src.fail_with(SourceError::Unreachable {
+            id: "s".into(),
+            detail: "connection refused".into(),
+        });
         let (mut cache, slots) =
             SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
         cache.start();
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!cache.ready());
-        // 0.5s, 1s, 2s backoff: about 3 attempts in 3 s, not dozens.
-        let n = src.fetches.load(Ordering::SeqCst);
-        assert!((2..=4).contains(&n), "{n} fetches");
+        // Windows 1, 2, 4, 8, then 10 s without a value: each wait is at most its window, so at
+        // least 8 attempts in 60 s; full jitter averages half a window, so about 14.
+        let n = src.fetches();
+        assert!((8..=40).contains(&n), "{n} fetches in 60 s");
         src.set("k1", "v1");
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(11)).await;
         assert!(cache.ready());
         src.set("k2", "v2");
         tokio::time::sleep(Duration::from_secs(70)).await;
@@ -989,5 +1040,53 @@ mod tests {
             header(&slots[0].entry.current().expect("l"), 0),
             "Bearer k2"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_pauses_every_entry_of_the_process_in_rounds() {
+        let src = FakeSource::new("k1");
+        src.fail();
+        let (mut cache, slots) = two_secrets(src.clone());
+        cache.start();
+        let gate = slots[0].entry.gate.clone();
+        assert!(Arc::ptr_eq(&gate, &slots[1].entry.gate));
+        // A minute of throttling: windows of 5, then 10 s; the two entries call together, and
+        // each round (both calls in flight together) counts once.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let starts = src.starts.lock().expect("lock").clone();
+        assert!((2 * 7..=2 * 30).contains(&starts.len()), "{starts:?}");
+        for pair in starts.chunks(2) {
+            assert_eq!(pair.len(), 2);
+            assert_eq!(pair[0], pair[1], "one round for both entries: {starts:?}");
+        }
+        let rounds = starts.len() / 2;
+        assert!(
+            (rounds - 1..=rounds).contains(&(gate.streak() as usize)),
+            "{} rounds, streak {}",
+            rounds,
+            gate.streak()
+        );
+        src.set("k2", "v2");
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(cache.ready());
+        assert!(gate.closed_for().is_none());
+        assert_eq!(gate.streak(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_401_path_adds_no_call_while_throttled() {
+        let (src, _c, e, seen) = loaded("k1").await;
+        src.fail();
+        e.refresh().await.expect_err("throttled");
+        assert!(e.gate.closed_for().is_some());
+        let n = src.fetches();
+        let got = e.refresh_now(&seen).await.expect("l");
+        assert!(Arc::ptr_eq(&got, &seen));
+        assert_eq!(src.fetches(), n);
+        // Once the gate opens, a 401 fetches again.
+        tokio::time::sleep(e.gate.closed_for().unwrap_or_default()).await;
+        src.set("k2", "v2");
+        let got = e.refresh_now(&seen).await.expect("l");
+        assert_eq!(header(&got, 0), "Bearer k2");
     }
 }

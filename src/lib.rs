@@ -9,6 +9,7 @@
 //! - [`route`]: request → route by path prefix (reverse mode) or host (forward mode); path checks.
 //! - [`cache`]: one `ArcSwap` entry per (secret, stage); background refresh with jitter and
 //!   backoff; single-flight, rate-limited refresh for the 401 path.
+//! - [`backoff`]: full-jitter retry windows, and the process-wide pause after a throttle.
 //! - [`inject`]: value templates (`Bearer {secret}`), header and query-parameter credentials.
 //! - [`retry`]: keeps request bodies up to `max_replay_body` so a 401 can be replayed.
 //! - [`h1`]: the HTTP/1.1 fast path for plain-http upstreams; hands anything else to hyper.
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod backoff;
 pub mod body;
 pub mod cache;
 pub mod config;
