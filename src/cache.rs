@@ -7,7 +7,7 @@
 //! retries after a full-jitter backoff ([`crate::backoff`]); a throttle closes the process-wide
 //! [`ThrottleGate`] for every entry. A value that cannot be used (bad JSON, missing field, bytes
 //! that cannot go in a header) is refused, logged with the secret id and the reason, and the last
-//! good value stays.
+//! good value stays. With `[aws] startup_jitter`, the first fetch waits a random part of it.
 //!
 //! [`Entry::refresh_now`] is the 401 path: concurrent callers share one fetch (they queue on one
 //! async mutex and find the new value when they get it). A forced fetch that finds nothing newer
@@ -492,10 +492,13 @@ impl Entry {
         }
     }
 
-    /// The background loop: fetch, then sleep `interval` ± 10% after a success, or a
-    /// full-jitter backoff after a failure: the throttle gate's wait after a throttle, else a
-    /// window from 1 s doubling per failure in a row.
-    async fn run(self: Arc<Self>) {
+    /// The background loop: wait `startup` (the start-up jitter), then fetch, and sleep
+    /// `interval` ± 10% after a success, or a full-jitter backoff after a failure: the throttle
+    /// gate's wait after a throttle, else a window from 1 s doubling per failure in a row.
+    async fn run(self: Arc<Self>, startup: Duration) {
+        if !startup.is_zero() {
+            tokio::time::sleep(startup).await;
+        }
         let mut failures = 0u32;
         loop {
             // Another entry's call may have been throttled while this one slept.
@@ -550,6 +553,8 @@ impl Slot {
 pub struct SecretCache {
     entries: Vec<Arc<Entry>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The longest random delay before the first fetch (the source's start-up jitter).
+    startup_jitter: Duration,
 }
 
 impl Drop for SecretCache {
@@ -637,15 +642,25 @@ impl SecretCache {
             SecretCache {
                 entries,
                 tasks: Vec::new(),
+                startup_jitter: source.startup_jitter(),
             },
             slots,
         )
     }
 
-    /// Starts one background refresh task per entry; the first fetch begins at once.
+    /// Starts one background refresh task per entry. The first fetch begins at once, or, with a
+    /// start-up jitter, after a delay drawn once for the process from `[0, startup_jitter]`.
     pub fn start(&mut self) {
+        let delay = backoff::full_jitter(self.startup_jitter);
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                startup_jitter_ms = self.startup_jitter.as_millis() as u64,
+                "start-up jitter: the first Secrets Manager call waits"
+            );
+        }
         for e in &self.entries {
-            self.tasks.push(tokio::spawn(e.clone().run()));
+            self.tasks.push(tokio::spawn(e.clone().run(delay)));
         }
     }
 
@@ -690,16 +705,21 @@ mod tests {
         /// When each fetch started.
         starts: Mutex<Vec<Instant>>,
         delay: Duration,
+        startup_jitter: Duration,
     }
 
     impl FakeSource {
         fn new(v: &str) -> Arc<FakeSource> {
+            Self::with_startup_jitter(v, Duration::ZERO)
+        }
+        fn with_startup_jitter(v: &str, startup_jitter: Duration) -> Arc<FakeSource> {
             Arc::new(FakeSource {
                 value: Mutex::new(Ok((v.to_owned(), "v1".to_owned()))),
                 pending: Mutex::new(None),
                 fetches: AtomicUsize::new(0),
                 starts: Mutex::new(Vec::new()),
                 delay: Duration::from_millis(50),
+                startup_jitter,
             })
         }
         fn set(&self, v: &str, version: &str) {
@@ -746,6 +766,9 @@ mod tests {
                     value: Secret::new(value),
                 })
             })
+        }
+        fn startup_jitter(&self) -> Duration {
+            self.startup_jitter
         }
         fn name(&self) -> &'static str {
             "fake"
@@ -1088,5 +1111,19 @@ mod tests {
         src.set("k2", "v2");
         let got = e.refresh_now(&seen).await.expect("l");
         assert_eq!(header(&got, 0), "Bearer k2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn startup_jitter_delays_the_first_fetch_once_for_the_process() {
+        let src = FakeSource::with_startup_jitter("k1", Duration::from_secs(10));
+        let (mut cache, _slots) = two_secrets(src.clone());
+        let start = Instant::now();
+        cache.start();
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(cache.ready());
+        let starts = src.starts.lock().expect("lock").clone();
+        assert_eq!(starts.len(), 2);
+        assert!(starts[0] - start <= Duration::from_secs(10));
+        assert_eq!(starts[0], starts[1], "one delay for the process");
     }
 }

@@ -38,6 +38,9 @@ pub struct AwsSettings {
     pub connect_timeout: Duration,
     /// Attempts per call (the SDK's standard retry with backoff); 1 disables retries.
     pub max_attempts: u32,
+    /// The longest random delay before the sidecar's first call (`startup_jitter`); zero: none.
+    /// The rotation function does not use it.
+    pub startup_jitter: Duration,
 }
 
 /// Error codes that mean Secrets Manager throttled the call.
@@ -107,22 +110,28 @@ impl ClassifyRetry for ThrottlesLeftToTheCache {
 pub struct AwsSource {
     /// The SDK client (cheap to clone; pooled connections inside).
     client: Client,
+    /// The longest random delay before the cache's first fetch.
+    startup_jitter: Duration,
 }
 
 impl AwsSource {
-    /// A source over an existing client.
+    /// A source over an existing client, without start-up jitter.
     pub fn new(client: Client) -> Self {
-        AwsSource { client }
+        AwsSource {
+            client,
+            startup_jitter: Duration::ZERO,
+        }
     }
 
     /// The sidecar's source: a client from `settings` that leaves throttled calls to the cache
-    /// instead of retrying them.
+    /// instead of retrying them, and `settings.startup_jitter`.
     pub async fn connect(settings: &AwsSettings) -> Self {
         let config = aws_sdk_secretsmanager::config::Builder::from(&sdk_config(settings).await)
             .retry_classifier(ThrottlesLeftToTheCache)
             .build();
         AwsSource {
             client: Client::from_conf(config),
+            startup_jitter: settings.startup_jitter,
         }
     }
 }
@@ -160,6 +169,10 @@ impl SecretSource for AwsSource {
                 value: Secret::new(value),
             })
         })
+    }
+
+    fn startup_jitter(&self) -> Duration {
+        self.startup_jitter
     }
 
     fn name(&self) -> &'static str {
