@@ -494,7 +494,7 @@ impl Entry {
 
     /// The background loop: wait `startup` (the start-up jitter), then fetch, and sleep
     /// `interval` ± 10% after a success, or a full-jitter backoff after a failure: the throttle
-    /// gate's wait after a throttle, else a window from 1 s doubling per failure in a row.
+    /// gate's wait after a throttle, else a window from 1 s, doubling per failure in a row.
     async fn run(self: Arc<Self>, startup: Duration) {
         if !startup.is_zero() {
             tokio::time::sleep(startup).await;
@@ -517,7 +517,7 @@ impl Entry {
                 Err(_) => {
                     failures = failures.saturating_add(1);
                     let cap = backoff::cap(self.is_loaded(), self.interval);
-                    backoff::full_jitter(backoff::window(backoff::FIRST_WINDOW, failures, cap))
+                    backoff::full_jitter(backoff::AFTER_FAILURE.window(failures, cap))
                 }
             };
             tokio::time::sleep(wait).await;
@@ -1073,7 +1073,7 @@ mod tests {
         cache.start();
         let gate = slots[0].entry.gate.clone();
         assert!(Arc::ptr_eq(&gate, &slots[1].entry.gate));
-        // A minute of throttling: windows of 5, then 10 s; the two entries call together, and
+        // A minute of throttling: windows of 6, 9, then 10 s; the two entries call together, and
         // each round (both calls in flight together) counts once.
         tokio::time::sleep(Duration::from_secs(60)).await;
         let starts = src.starts.lock().expect("lock").clone();
