@@ -95,7 +95,7 @@ pub const REFRESH_INTERVAL: DurationSetting = DurationSetting {
     default: Duration::from_secs(300),
     min: Duration::from_secs(1),
 };
-/// `refresh_cooldown`: minimum time between two 401-forced refreshes.
+/// `refresh_cooldown`: after a 401-forced fetch that found nothing newer, no other before this.
 pub const REFRESH_COOLDOWN: DurationSetting = DurationSetting {
     default: Duration::from_secs(5),
     min: Duration::ZERO,
