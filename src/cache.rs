@@ -4,13 +4,17 @@
 //! secret, rendered when the secret changes. The request path does one atomic load
 //! ([`Entry::current`]) and never any I/O. One background task per entry refreshes it every
 //! `refresh_interval` ± 10% jitter; a failure keeps the last good value (stale-if-error) and
-//! retries with exponential backoff. A value that cannot be used (bad JSON, missing field, bytes
+//! retries after a full-jitter backoff ([`crate::backoff`]); a throttle closes the process-wide
+//! [`ThrottleGate`] for every entry. A value that cannot be used (bad JSON, missing field, bytes
 //! that cannot go in a header) is refused, logged with the secret id and the reason, and the last
-//! good value stays.
+//! good value stays. With `[aws] startup_jitter`, the first fetch waits a random part of it.
 //!
 //! [`Entry::refresh_now`] is the 401 path: concurrent callers share one fetch (they queue on one
-//! async mutex and find the new value when they get it), and forced fetches of one secret are at
-//! most one per `refresh_cooldown`.
+//! async mutex and find the new value when they get it). A forced fetch that finds nothing newer
+//! starts the `refresh_cooldown`: until it ends, or until a newer value is in force, no other
+//! forced fetch of that secret happens, except the `AWSPENDING` probes of the 2 s after the miss,
+//! which 401s wait for rather than fail. A forced fetch that finds a newer key starts no
+//! cooldown, so back-to-back rotations each get their fetch.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,10 +27,11 @@ use rand::Rng;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
+use crate::backoff::{self, ThrottleGate};
 use crate::config::RouteConfig;
 use crate::inject::{Credential, Injection};
 use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
-use crate::secrets::{Secret, SecretSource, SourceError};
+use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError};
 
 /// The credentials rendered from one version of a secret.
 #[derive(Debug)]
@@ -94,9 +99,11 @@ pub struct EntryStatus {
 /// State guarded by the fetch lock.
 #[derive(Debug, Default)]
 struct FetchState {
-    /// When the last forced (401) fetch started.
-    last_forced: Option<Instant>,
-    /// Until when `AWSPENDING` may be probed alone inside the cooldown (after a miss).
+    /// The last forced (401) fetch that found nothing newer: when it started, and the value in
+    /// force after it. The cooldown runs from then while that value stays in force: a newer
+    /// value, however it arrived, lifts it.
+    fruitless: Option<(Instant, Arc<Loaded>)>,
+    /// Until when 401s wait for `AWSPENDING` probes inside the cooldown (after a miss).
     probe_until: Option<Instant>,
     /// When `AWSPENDING` was last read on the 401 path.
     last_probe: Option<Instant>,
@@ -104,10 +111,24 @@ struct FetchState {
 
 /// After a 401 found neither a new `AWSCURRENT` nor an `AWSPENDING` version, a rotation may be
 /// between its token endpoint issuing the new key (and revoking the old one) and
-/// `PutSecretValue` storing it: for this long, further 401s may read `AWSPENDING` alone...
+/// `PutSecretValue` storing it: for this long, further 401s wait for probes of `AWSPENDING`
+/// (and of `AWSCURRENT` when there is no `AWSPENDING`: the rotation may have finished since)...
 const PROBE_WINDOW: Duration = Duration::from_secs(2);
-/// ...at most once per this gap (so at most 8 extra reads per `refresh_cooldown`).
-const PROBE_GAP: Duration = Duration::from_millis(250);
+/// ...at most one per this gap: at most 4 probes of 2 reads, so with the forced fetch's 2 reads
+/// at most 10 per `refresh_cooldown` for a key that no rotation replaces.
+const PROBE_GAP: Duration = Duration::from_millis(500);
+
+/// What reading `AWSPENDING` on the 401 path found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendingRead {
+    /// A version other than the refused one, now in force.
+    Installed,
+    /// No `AWSPENDING` version: no rotation in progress, or one that has not stored its key yet,
+    /// or one that has finished.
+    Absent,
+    /// Nothing usable (the refused version itself, an unusable value, or an error).
+    Nothing,
+}
 
 /// One secret version stage, its rendered credentials, and its refresh machinery.
 pub struct Entry {
@@ -124,6 +145,8 @@ pub struct Entry {
     cooldown: Duration,
     /// Try `AWSPENDING` when a 401 persists with the current version (stage `AWSCURRENT` only).
     pending_fallback: bool,
+    /// The process-wide pause after a throttle, shared by every entry.
+    gate: Arc<ThrottleGate>,
     source: Arc<dyn SecretSource>,
     metrics: Arc<Metrics>,
     label: SecretLabel,
@@ -197,11 +220,12 @@ impl Entry {
     fn record_error(&self, err: SourceError) {
         self.count(err.kind());
         let stale = self.is_loaded();
+        let error_kind = err.kind();
         if stale {
-            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err,
+            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err, error_kind,
                 "secret refresh failed; serving the last good value");
         } else {
-            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err,
+            tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %err, error_kind,
                 "secret fetch failed; routes using it answer 503 until it succeeds");
         }
         self.metrics
@@ -213,9 +237,32 @@ impl Entry {
         }
     }
 
+    /// One read of `stage`, with the throttle gate's bookkeeping: a throttle closes the gate for
+    /// every entry of the process; an answer from Secrets Manager opens it.
+    async fn call(&self, stage: &str) -> Result<SecretVersion, SourceError> {
+        let started = Instant::now();
+        let result = self.source.fetch(&self.secret_id, stage).await;
+        match &result {
+            Err(SourceError::Throttled { .. }) => {
+                let cap = backoff::cap(self.is_loaded(), self.interval);
+                let wait = self.gate.throttled(started, cap);
+                tracing::debug!(secret = %self.secret_id, stage, error_kind = "throttled",
+                    streak = self.gate.streak(), wait_ms = wait.as_millis() as u64,
+                    "Secrets Manager is throttling: no call from this process until the wait is over");
+            }
+            Err(
+                SourceError::Timeout { .. }
+                | SourceError::Unreachable { .. }
+                | SourceError::Other { .. },
+            ) => {}
+            Ok(_) | Err(_) => self.gate.answered(),
+        }
+        result
+    }
+
     /// Fetches once and installs the value if usable. Callers hold `fetch_lock`.
     async fn fetch_locked(&self, reason: &'static str) -> Result<(), SourceError> {
-        let fetched = match self.source.fetch(&self.secret_id, &self.stage).await {
+        let fetched = match self.call(&self.stage).await {
             Ok(v) => v,
             Err(e) => {
                 self.record_error(e.clone());
@@ -309,8 +356,8 @@ impl Entry {
 
     /// After a 401 that a fresh `AWSCURRENT` did not fix: installs the `AWSPENDING` version, if
     /// there is one that differs from `seen`. Callers hold `fetch_lock`.
-    async fn try_pending_locked(&self, seen: &Arc<Loaded>) -> bool {
-        let result = self.source.fetch(&self.secret_id, "AWSPENDING").await;
+    async fn try_pending_locked(&self, seen: &Arc<Loaded>) -> PendingRead {
+        let result = self.call("AWSPENDING").await;
         let label = SecretResult {
             secret: self.secret_id.clone(),
             stage: "AWSPENDING".into(),
@@ -323,22 +370,23 @@ impl Entry {
         let fetched = match result {
             Ok(v) => v,
             Err(SourceError::NotFound { .. }) => {
-                tracing::debug!(secret = %self.secret_id, "no AWSPENDING version: no rotation in progress");
-                return false;
+                tracing::debug!(secret = %self.secret_id, "no AWSPENDING version: no rotation in progress, or not stored yet, or finished");
+                return PendingRead::Absent;
             }
             Err(e) => {
-                tracing::warn!(secret = %self.secret_id, error = %e, "reading AWSPENDING after a 401 failed");
-                return false;
+                tracing::warn!(secret = %self.secret_id, error = %e, error_kind = e.kind(),
+                    "reading AWSPENDING after a 401 failed");
+                return PendingRead::Nothing;
             }
         };
         if fetched.version_id == seen.version_id {
-            return false;
+            return PendingRead::Nothing;
         }
         let Ok(creds) = self.render(&fetched.value) else {
-            return false;
+            return PendingRead::Nothing;
         };
         if creds == seen.creds {
-            return false;
+            return PendingRead::Nothing;
         }
         tracing::info!(secret = %self.secret_id,
             version = fetched.version_id.as_deref().unwrap_or("-"),
@@ -353,7 +401,16 @@ impl Entry {
                 since: Instant::now(),
             }),
         })));
-        true
+        PendingRead::Installed
+    }
+
+    /// A probe inside the window after a miss: `AWSPENDING`, and `AWSCURRENT` when there is no
+    /// `AWSPENDING` (the rotation may have finished since the last read). Callers hold
+    /// `fetch_lock`.
+    async fn probe_locked(&self, seen: &Arc<Loaded>) {
+        if self.try_pending_locked(seen).await == PendingRead::Absent {
+            let _ = self.fetch_locked("401").await;
+        }
     }
 
     /// Fetches now (background refresh): waits for a fetch already running, then fetches.
@@ -363,8 +420,10 @@ impl Entry {
     }
 
     /// The 401 path: the credentials in `seen` were refused upstream. Returns the credentials to
-    /// use now, which are `seen` itself when nothing newer could be had (another caller already
-    /// refreshed within the cooldown, or Secrets Manager still holds the same value).
+    /// use now, which are `seen` itself when nothing newer could be had: Secrets Manager still
+    /// holds the same value and the cooldown of a fruitless fetch holds, or Secrets Manager is
+    /// throttling this process. Right after a fruitless fetch, while a rotation may be about to
+    /// store its key, the caller may wait up to [`PROBE_WINDOW`] for the probes.
     pub async fn refresh_now(&self, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
         // Newer means other credentials, not just another `Arc`: a pending value re-stored as
         // plain current (same key) must not count, or the AWSPENDING lookup would be skipped.
@@ -376,60 +435,89 @@ impl Entry {
         if newer(&cur) {
             return cur;
         }
-        let mut guard = self.fetch_lock.lock().await;
-        let cur = self.current();
-        if newer(&cur) {
-            return cur;
-        }
-        let now = Instant::now();
-        if guard.last_forced.is_some_and(|t| now - t < self.cooldown) {
-            let probe = self.pending_fallback
-                && guard.probe_until.is_some_and(|until| now < until)
-                && guard.last_probe.is_none_or(|t| now - t >= PROBE_GAP);
-            if probe {
-                guard.last_probe = Some(now);
-                if self.try_pending_locked(seen).await {
-                    guard.probe_until = None;
-                }
-                return self.current();
+        loop {
+            let mut guard = self.fetch_lock.lock().await;
+            let cur = self.current();
+            if newer(&cur) {
+                return cur;
             }
-            return cur;
+            if self.gate.closed_for().is_some() {
+                // Secrets Manager is throttling this process: the 401 path adds no call.
+                return cur;
+            }
+            let now = Instant::now();
+            let cooling = guard.fruitless.as_ref().is_some_and(|(t, v)| {
+                now - *t < self.cooldown && cur.as_ref().is_some_and(|c| c.creds == v.creds)
+            });
+            if !cooling {
+                guard.fruitless = None;
+                guard.probe_until = None;
+                let _ = self.fetch_locked("401").await;
+                let mut pending = PendingRead::Nothing;
+                if self.pending_fallback && !newer(&self.current()) {
+                    guard.last_probe = Some(Instant::now());
+                    pending = self.try_pending_locked(seen).await;
+                }
+                let cur = self.current();
+                if newer(&cur) {
+                    // Found: no cooldown, so the next rotation's 401s get their fetch too.
+                    return cur;
+                }
+                guard.fruitless = cur.clone().map(|c| (now, c));
+                if !self.pending_fallback || pending == PendingRead::Installed {
+                    return cur;
+                }
+                guard.probe_until = Some(Instant::now() + PROBE_WINDOW);
+            }
+            // Inside the cooldown: only the probes of the window after the miss read again, and
+            // 401s wait for them rather than fail while a rotation may be storing its key.
+            let now = Instant::now();
+            let Some(until) = guard.probe_until.filter(|u| now < *u) else {
+                return self.current();
+            };
+            let next = guard.last_probe.map_or(now, |t| t + PROBE_GAP);
+            if now >= next {
+                guard.last_probe = Some(now);
+                self.probe_locked(seen).await;
+                let cur = self.current();
+                if newer(&cur) {
+                    guard.fruitless = None;
+                    guard.probe_until = None;
+                    return cur;
+                }
+                continue;
+            }
+            drop(guard);
+            tokio::time::sleep_until(next.min(until)).await;
         }
-        guard.last_forced = Some(now);
-        guard.probe_until = None;
-        let _ = self.fetch_locked("401").await;
-        let cur = self.current();
-        if newer(&cur) || !self.pending_fallback {
-            return cur;
-        }
-        guard.last_probe = Some(Instant::now());
-        if !self.try_pending_locked(seen).await {
-            guard.probe_until = Some(Instant::now() + PROBE_WINDOW);
-        }
-        self.current()
     }
 
-    /// The background loop: fetch, then sleep `interval` ± 10% (or back off after a failure).
-    async fn run(self: Arc<Self>) {
-        let first_backoff = Duration::from_millis(500);
-        let mut backoff = first_backoff;
+    /// The background loop: wait `startup` (the start-up jitter), then fetch, and sleep
+    /// `interval` ± 10% after a success, or a full-jitter backoff after a failure: the throttle
+    /// gate's wait after a throttle, else a window from 1 s, doubling per failure in a row.
+    async fn run(self: Arc<Self>, startup: Duration) {
+        if !startup.is_zero() {
+            tokio::time::sleep(startup).await;
+        }
+        let mut failures = 0u32;
         loop {
+            // Another entry's call may have been throttled while this one slept.
+            while let Some(wait) = self.gate.closed_for() {
+                tokio::time::sleep(wait).await;
+            }
             let wait = match self.refresh().await {
                 Ok(()) => {
-                    backoff = first_backoff;
+                    failures = 0;
                     jitter(self.interval)
                 }
+                Err(SourceError::Throttled { .. }) => {
+                    failures = failures.saturating_add(1);
+                    self.gate.closed_for().unwrap_or_default()
+                }
                 Err(_) => {
-                    let w = backoff;
-                    // Without any value, retry soon so the proxy becomes ready quickly; with a
-                    // stale value, back off further, up to the refresh interval.
-                    let cap = if self.is_loaded() {
-                        self.interval.min(Duration::from_secs(300))
-                    } else {
-                        Duration::from_secs(10)
-                    };
-                    backoff = (backoff * 2).min(cap.max(first_backoff));
-                    jitter(w)
+                    failures = failures.saturating_add(1);
+                    let cap = backoff::cap(self.is_loaded(), self.interval);
+                    backoff::full_jitter(backoff::AFTER_FAILURE.window(failures, cap))
                 }
             };
             tokio::time::sleep(wait).await;
@@ -465,6 +553,8 @@ impl Slot {
 pub struct SecretCache {
     entries: Vec<Arc<Entry>>,
     tasks: Vec<JoinHandle<()>>,
+    /// The longest random delay before the first fetch (the source's start-up jitter).
+    startup_jitter: Duration,
 }
 
 impl Drop for SecretCache {
@@ -495,6 +585,7 @@ impl SecretCache {
         }
         let mut slots: Vec<Option<Slot>> = vec![None; routes.len()];
         let mut entries = Vec::new();
+        let gate = Arc::new(ThrottleGate::default());
         for ((secret_id, stage), members) in groups {
             let consumers = members
                 .iter()
@@ -533,6 +624,7 @@ impl SecretCache {
                 interval,
                 cooldown,
                 pending_fallback,
+                gate: gate.clone(),
                 source: source.clone(),
                 metrics: metrics.clone(),
                 label,
@@ -550,15 +642,25 @@ impl SecretCache {
             SecretCache {
                 entries,
                 tasks: Vec::new(),
+                startup_jitter: source.startup_jitter(),
             },
             slots,
         )
     }
 
-    /// Starts one background refresh task per entry; the first fetch begins at once.
+    /// Starts one background refresh task per entry. The first fetch begins at once, or, with a
+    /// start-up jitter, after a delay drawn once for the process from `[0, startup_jitter]`.
     pub fn start(&mut self) {
+        let delay = backoff::full_jitter(self.startup_jitter);
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                startup_jitter_ms = self.startup_jitter.as_millis() as u64,
+                "start-up jitter: the first Secrets Manager call waits"
+            );
+        }
         for e in &self.entries {
-            self.tasks.push(tokio::spawn(e.clone().run()));
+            self.tasks.push(tokio::spawn(e.clone().run(delay)));
         }
     }
 
@@ -591,7 +693,6 @@ mod tests {
     use super::*;
     use crate::config::parse_upstream;
     use crate::inject::Template;
-    use crate::secrets::SecretVersion;
     use futures_util::future::BoxFuture;
     use http::header::HeaderName;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -601,26 +702,40 @@ mod tests {
         value: Mutex<Result<(String, String), SourceError>>,
         pending: Mutex<Option<(String, String)>>,
         fetches: AtomicUsize,
+        /// When each fetch started.
+        starts: Mutex<Vec<Instant>>,
         delay: Duration,
+        startup_jitter: Duration,
     }
 
     impl FakeSource {
         fn new(v: &str) -> Arc<FakeSource> {
+            Self::with_startup_jitter(v, Duration::ZERO)
+        }
+        fn with_startup_jitter(v: &str, startup_jitter: Duration) -> Arc<FakeSource> {
             Arc::new(FakeSource {
                 value: Mutex::new(Ok((v.to_owned(), "v1".to_owned()))),
                 pending: Mutex::new(None),
                 fetches: AtomicUsize::new(0),
+                starts: Mutex::new(Vec::new()),
                 delay: Duration::from_millis(50),
+                startup_jitter,
             })
         }
         fn set(&self, v: &str, version: &str) {
             *self.value.lock().expect("lock") = Ok((v.to_owned(), version.to_owned()));
         }
         fn fail(&self) {
-            *self.value.lock().expect("lock") = Err(SourceError::Throttled {
+            self.fail_with(SourceError::Throttled {
                 id: "s".into(),
                 detail: "ThrottlingException".into(),
             });
+        }
+        fn fail_with(&self, e: SourceError) {
+            *self.value.lock().expect("lock") = Err(e);
+        }
+        fn fetches(&self) -> usize {
+            self.fetches.load(Ordering::SeqCst)
         }
     }
 
@@ -632,6 +747,7 @@ mod tests {
         ) -> BoxFuture<'a, Result<SecretVersion, SourceError>> {
             Box::pin(async move {
                 self.fetches.fetch_add(1, Ordering::SeqCst);
+                self.starts.lock().expect("lock").push(Instant::now());
                 tokio::time::sleep(self.delay).await;
                 let v = if stage == "AWSPENDING" {
                     self.pending
@@ -650,6 +766,9 @@ mod tests {
                     value: Secret::new(value),
                 })
             })
+        }
+        fn startup_jitter(&self) -> Duration {
+            self.startup_jitter
         }
         fn name(&self) -> &'static str {
             "fake"
@@ -758,15 +877,10 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn concurrent_401s_share_one_fetch_and_respect_the_cooldown() {
-        let src = FakeSource::new("k1");
-        let (_c, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
-        let e = slots[0].entry.clone();
-        e.refresh().await.expect("first");
-        let seen = e.current().expect("loaded");
+    async fn concurrent_401s_share_one_fetch() {
+        let (src, _c, e, seen) = loaded("k1").await;
         src.set("k2", "v2");
-        let before = src.fetches.load(Ordering::SeqCst);
+        let before = src.fetches();
         let mut tasks = Vec::new();
         for _ in 0..100 {
             let (e, seen) = (e.clone(), seen.clone());
@@ -776,24 +890,65 @@ mod tests {
             let got = t.await.expect("join").expect("loaded");
             assert_eq!(header(&got, 0), "Bearer k2");
         }
-        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 1);
-        // A second 401 with the new key inside the cooldown: no fetch, same value back.
-        let seen2 = e.current().expect("k2");
-        let got = e.refresh_now(&seen2).await.expect("loaded");
-        assert!(Arc::ptr_eq(&got, &seen2));
-        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 1);
-        // After the cooldown, a fetch happens again; same value: same Arc.
-        tokio::time::advance(Duration::from_secs(6)).await;
-        let got = e.refresh_now(&seen2).await.expect("loaded");
-        assert!(Arc::ptr_eq(&got, &seen2));
-        // AWSCURRENT unchanged: AWSPENDING is read too (none here), so two fetches.
-        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 3);
+        assert_eq!(src.fetches() - before, 1);
+        // A late 401 with the old key: the new one, without a fetch.
+        let got = e.refresh_now(&seen).await.expect("loaded");
+        assert_eq!(header(&got, 0), "Bearer k2");
+        assert_eq!(src.fetches() - before, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_fruitless_fetch_starts_the_cooldown() {
+        let (src, _c, e, seen) = loaded("k1").await;
+        src.set("k2", "v2");
+        let before = src.fetches();
+        let k2 = e.refresh_now(&seen).await.expect("loaded");
+        assert_eq!(header(&k2, 0), "Bearer k2");
+        // The fetch found k2: no cooldown, so a 401 for k2 right away fetches again (another
+        // rotation may have happened), finds nothing (AWSCURRENT and AWSPENDING: 2 reads) and
+        // waits for the probes of the window (AWSPENDING absent, then AWSCURRENT: 2 reads each).
+        let start = Instant::now();
+        let got = e.refresh_now(&k2).await.expect("loaded");
+        assert!(Arc::ptr_eq(&got, &k2));
+        assert!(start.elapsed() <= PROBE_WINDOW + Duration::from_millis(500));
+        let after_miss = src.fetches() - before;
+        assert!(
+            (1 + 2 + 2..=1 + 2 + 8).contains(&after_miss),
+            "{after_miss}"
+        );
+        // That miss started the cooldown: no fetch and no wait until it ends.
+        let got = e.refresh_now(&k2).await.expect("loaded");
+        assert!(Arc::ptr_eq(&got, &k2));
+        assert_eq!(src.fetches() - before, after_miss);
+        // A newer key in force lifts the cooldown at once (here by the background refresh).
+        src.set("k3", "v3");
+        e.refresh().await.expect("refresh");
+        let k3 = e.current().expect("k3");
+        src.set("k4", "v4");
+        let got = e.refresh_now(&k3).await.expect("loaded");
+        assert_eq!(header(&got, 0), "Bearer k4");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn back_to_back_rotations_each_get_their_fetch_under_the_default_cooldown() {
+        let (src, _c, e, mut seen) = loaded("k0").await;
+        let before = src.fetches();
+        for n in 1..=20 {
+            // A rotation every 0.3 s; the API refuses the key keyproxy holds.
+            tokio::time::advance(Duration::from_millis(300)).await;
+            src.set(&format!("k{n}"), &format!("v{n}"));
+            let got = e.refresh_now(&seen).await.expect("loaded");
+            assert_eq!(header(&got, 0), format!("Bearer k{n}"));
+            seen = got;
+        }
+        assert_eq!(src.fetches() - before, 20, "one fetch per rotation");
     }
 
     #[tokio::test(start_paused = true)]
     async fn pending_version_stands_in_until_awscurrent_moves() {
         let (src, _c, e, seen) = loaded("k1").await;
-        // No rotation in progress: a 401 fetches AWSCURRENT and AWSPENDING, finds nothing newer.
+        // No rotation in progress: a 401 fetches AWSCURRENT and AWSPENDING, then the probes of
+        // the window find nothing newer either.
         let got = e.refresh_now(&seen).await.expect("loaded");
         assert!(Arc::ptr_eq(&got, &seen));
         // createSecret done (API revoked k1 on issue), finishSecret not yet.
@@ -814,55 +969,93 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn pending_stored_just_after_a_miss_is_probed_inside_the_cooldown() {
+    async fn a_401_before_the_pending_key_is_stored_waits_for_it() {
         let (src, _c, e, seen) = loaded("k1").await;
         // The token endpoint issued k2 (and revoked k1); PutSecretValue has not happened yet.
-        let before = src.fetches.load(Ordering::SeqCst);
-        assert!(Arc::ptr_eq(&e.refresh_now(&seen).await.expect("l"), &seen));
-        assert_eq!(
-            src.fetches.load(Ordering::SeqCst) - before,
-            2,
-            "AWSCURRENT + AWSPENDING"
-        );
-        // A 401 right after: inside the probe gap, no fetch.
-        assert!(Arc::ptr_eq(&e.refresh_now(&seen).await.expect("l"), &seen));
-        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 2);
-        // The put lands; a 401 300 ms later (inside the 5 s cooldown) probes AWSPENDING alone.
+        let before = src.fetches();
+        let first = {
+            let (e, seen) = (e.clone(), seen.clone());
+            tokio::spawn(async move { e.refresh_now(&seen).await })
+        };
+        // More 401s meanwhile: they wait too, and read nothing themselves.
+        let others: Vec<_> = (0..10)
+            .map(|_| {
+                let (e, seen) = (e.clone(), seen.clone());
+                tokio::spawn(async move { e.refresh_now(&seen).await })
+            })
+            .collect();
+        // The put lands 300 ms later; the probe at 500 ms finds it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(src.fetches() - before, 2, "AWSCURRENT + AWSPENDING");
         *src.pending.lock().expect("lock") = Some(("k2".into(), "v2".into()));
-        tokio::time::advance(Duration::from_millis(300)).await;
-        let got = e.refresh_now(&seen).await.expect("l");
+        for t in std::iter::once(first).chain(others) {
+            let got = t.await.expect("join").expect("l");
+            assert_eq!(header(&got, 0), "Bearer k2");
+        }
+        assert_eq!(src.fetches() - before, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_finds_a_rotation_that_finished_in_between() {
+        let (src, _c, e, seen) = loaded("k1").await;
+        let waiting = {
+            let (e, seen) = (e.clone(), seen.clone());
+            tokio::spawn(async move { e.refresh_now(&seen).await })
+        };
+        // Put, test and finish all happen before the first probe: AWSPENDING is gone again and
+        // AWSCURRENT holds the new key.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        src.set("k2", "v2");
+        let got = waiting.await.expect("join").expect("l");
         assert_eq!(header(&got, 0), "Bearer k2");
-        assert_eq!(src.fetches.load(Ordering::SeqCst) - before, 3);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_lasting_401_costs_a_bounded_number_of_fetches() {
         let (src, _c, e, seen) = loaded("k1").await;
-        let before = src.fetches.load(Ordering::SeqCst);
-        // A 401 every 10 ms for one cooldown (5 s): 2 + at most 8 probes.
+        let before = src.fetches();
+        // A 401 every 10 ms for three cooldowns (5 s each): per cooldown, the forced fetch and
+        // its AWSPENDING read, then at most 4 probes of 2 reads.
         let start = Instant::now();
         while start.elapsed() < Duration::from_millis(4900) {
             e.refresh_now(&seen).await;
             tokio::time::advance(Duration::from_millis(10)).await;
         }
-        let n = src.fetches.load(Ordering::SeqCst) - before;
-        assert!((2..=10).contains(&n), "{n} fetches");
+        let n = src.fetches() - before;
+        assert!((2..=10).contains(&n), "{n} fetches in the first cooldown");
+        while start.elapsed() < Duration::from_millis(14900) {
+            e.refresh_now(&seen).await;
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        let n = src.fetches() - before;
+        assert!((6..=30).contains(&n), "{n} fetches in three cooldowns");
+    }
+
+    /// Entries over one route each (secret ids `a` and `b`); the fake ignores the id.
+    fn two_secrets(src: Arc<FakeSource>) -> (SecretCache, Vec<Slot>) {
+        let mut b = route("b", None);
+        b.secret_id = "b".into();
+        SecretCache::new(&[route("a", None), b], src, Arc::new(Metrics::new()))
     }
 
     #[tokio::test(start_paused = true)]
-    async fn background_task_refreshes_and_backs_off() {
+    async fn background_task_backs_off_with_full_jitter() {
         let src = FakeSource::new("k1");
-        src.fail();
+        src.fail_with(SourceError::Unreachable {
+            id: "s".into(),
+            detail: "connection refused".into(),
+        });
         let (mut cache, slots) =
             SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
         cache.start();
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!cache.ready());
-        // 0.5s, 1s, 2s backoff: about 3 attempts in 3 s, not dozens.
-        let n = src.fetches.load(Ordering::SeqCst);
-        assert!((2..=4).contains(&n), "{n} fetches");
+        // Windows 1, 2, 4, 8, then 10 s without a value: each wait is at most its window, so at
+        // least 8 attempts in 60 s; full jitter averages half a window, so about 14.
+        let n = src.fetches();
+        assert!((8..=40).contains(&n), "{n} fetches in 60 s");
         src.set("k1", "v1");
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(11)).await;
         assert!(cache.ready());
         src.set("k2", "v2");
         tokio::time::sleep(Duration::from_secs(70)).await;
@@ -870,5 +1063,67 @@ mod tests {
             header(&slots[0].entry.current().expect("l"), 0),
             "Bearer k2"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_pauses_every_entry_of_the_process_in_rounds() {
+        let src = FakeSource::new("k1");
+        src.fail();
+        let (mut cache, slots) = two_secrets(src.clone());
+        cache.start();
+        let gate = slots[0].entry.gate.clone();
+        assert!(Arc::ptr_eq(&gate, &slots[1].entry.gate));
+        // A minute of throttling: windows of 6, 9, then 10 s; the two entries call together, and
+        // each round (both calls in flight together) counts once.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let starts = src.starts.lock().expect("lock").clone();
+        assert!((2 * 7..=2 * 30).contains(&starts.len()), "{starts:?}");
+        for pair in starts.chunks(2) {
+            assert_eq!(pair.len(), 2);
+            assert_eq!(pair[0], pair[1], "one round for both entries: {starts:?}");
+        }
+        let rounds = starts.len() / 2;
+        assert!(
+            (rounds - 1..=rounds).contains(&(gate.streak() as usize)),
+            "{} rounds, streak {}",
+            rounds,
+            gate.streak()
+        );
+        src.set("k2", "v2");
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(cache.ready());
+        assert!(gate.closed_for().is_none());
+        assert_eq!(gate.streak(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_401_path_adds_no_call_while_throttled() {
+        let (src, _c, e, seen) = loaded("k1").await;
+        src.fail();
+        e.refresh().await.expect_err("throttled");
+        assert!(e.gate.closed_for().is_some());
+        let n = src.fetches();
+        let got = e.refresh_now(&seen).await.expect("l");
+        assert!(Arc::ptr_eq(&got, &seen));
+        assert_eq!(src.fetches(), n);
+        // Once the gate opens, a 401 fetches again.
+        tokio::time::sleep(e.gate.closed_for().unwrap_or_default()).await;
+        src.set("k2", "v2");
+        let got = e.refresh_now(&seen).await.expect("l");
+        assert_eq!(header(&got, 0), "Bearer k2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn startup_jitter_delays_the_first_fetch_once_for_the_process() {
+        let src = FakeSource::with_startup_jitter("k1", Duration::from_secs(10));
+        let (mut cache, _slots) = two_secrets(src.clone());
+        let start = Instant::now();
+        cache.start();
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(cache.ready());
+        let starts = src.starts.lock().expect("lock").clone();
+        assert_eq!(starts.len(), 2);
+        assert!(starts[0] - start <= Duration::from_secs(10));
+        assert_eq!(starts[0], starts[1], "one delay for the process");
     }
 }

@@ -23,6 +23,7 @@
 //! - [`limits`]: limits and timeouts both engines apply.
 //! - [`cache`]: one `ArcSwap` entry per (secret, stage); background refresh with jitter and
 //!   backoff; single-flight, rate-limited refresh for the 401 path.
+//! - [`backoff`]: full-jitter retry windows, and the process-wide pause after a throttle.
 //! - [`retry`]: keeps request bodies up to `max_replay_body` so a 401 can be replayed.
 //! - [`forward`]: the pooled rustls upstream client (hyper); hop-by-hop header handling.
 //! - [`body`]: request/response body type (streamed, buffered, or both) without boxing.
@@ -37,6 +38,7 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod backoff;
 pub mod body;
 pub mod cache;
 pub mod config;

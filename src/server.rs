@@ -31,7 +31,7 @@ use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::routes::Routes;
-use crate::secrets::aws::{self as aws_source, AwsSource};
+use crate::secrets::aws::AwsSource;
 use crate::secrets::file::FileSource;
 use crate::secrets::SecretSource;
 
@@ -62,7 +62,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunEr
 /// Builds the secret source the config names.
 pub async fn source(config: &Config) -> Arc<dyn SecretSource> {
     match &config.source {
-        SourceConfig::Aws(settings) => Arc::new(AwsSource::new(aws_source::client(settings).await)),
+        SourceConfig::Aws(settings) => Arc::new(AwsSource::connect(settings).await),
         SourceConfig::File(path) => Arc::new(FileSource::new(path.clone())),
     }
 }

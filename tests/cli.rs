@@ -141,11 +141,9 @@ fn health_fails_when_nothing_listens() {
     assert!(err.contains("/healthz"), "{err}");
 }
 
-#[test]
-fn deploy_files_carry_valid_keyproxy_configs() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    // Kubernetes: the TOML inside the ConfigMap.
-    let cm = std::fs::read_to_string(format!("{root}/deploy/kubernetes/configmap.yaml"))
+/// The TOML inside a ConfigMap's `config.toml` key.
+fn configmap_toml(path: &str) -> String {
+    let cm = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")))
         .expect("configmap");
     let toml: String = cm
         .lines()
@@ -154,9 +152,33 @@ fn deploy_files_carry_valid_keyproxy_configs() {
         .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| l.strip_prefix("    ").unwrap_or(l).to_owned() + "\n")
         .collect();
-    assert!(toml.contains("[[route]]"), "no TOML found in the ConfigMap");
+    assert!(toml.contains("[[route]]"), "no TOML found in {path}");
+    toml
+}
+
+#[test]
+fn deploy_files_carry_valid_keyproxy_configs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    // Kubernetes: the TOML inside the ConfigMap.
+    let toml = configmap_toml("deploy/kubernetes/configmap.yaml");
     let (code, out, err) = keyproxy(&["check"], Some(&toml), &[]);
     assert_eq!(code, 0, "ConfigMap config: {out}{err}");
+
+    // The gateway: its config needs the app token, a file from the mounted Secret.
+    let toml = configmap_toml("deploy/kubernetes/gateway/configmap.yaml");
+    let (code, out, err) = keyproxy(&["check"], Some(&toml), &[]);
+    assert_eq!(code, 64, "the gateway needs its token: {out}{err}");
+    assert!(err.contains("app_auth.token_file"), "{err}");
+    let token = scratch("gateway-token").join("token");
+    std::fs::write(&token, "a-token-of-32-characters-or-more\n").expect("token");
+    let mounted = "/etc/keyproxy-token/token";
+    assert!(
+        toml.contains(mounted),
+        "the token file is where the Secret is mounted"
+    );
+    let toml = toml.replace(mounted, &token.to_string_lossy());
+    let (code, out, err) = keyproxy(&["check"], Some(&toml), &[]);
+    assert_eq!(code, 0, "gateway ConfigMap config: {out}{err}");
 
     // ECS: the keyproxy container's environment.
     let td: serde_json::Value = serde_json::from_str(

@@ -1,10 +1,13 @@
 //! Rotation under load: keyproxy (the real binary) serves a steady stream of requests from
 //! concurrent clients to the token API's protected paths while the rotation function rotates
 //! the key again and again (in-process `rotate_now` against moto). Required: no client sees a
-//! failure, every new key is used through keyproxy, and keyproxy's `GetSecretValue` calls stay
-//! within a budget computed from the elapsed time, the refresh interval and the rotations.
+//! failure, every new key is used through keyproxy (where the API makes it needed), and
+//! keyproxy's `GetSecretValue` calls stay within a budget computed from the elapsed time, the
+//! refresh interval and the rotations.
 //!
-//! The runs here are short (about 20 s each, one at a time). A longer run, by hand:
+//! The runs here are short (about 20 s each, one at a time): 20 rotations 0.6 s apart with a
+//! `refresh_cooldown` of 0.5 s, and 20 rotations 0.3 s apart with the default cooldown (5 s),
+//! for an API that keeps only the two newest keys valid. A longer run, by hand:
 //!
 //! ```sh
 //! KEYPROXY_ROTATIONS=200 KEYPROXY_ROTATION_PERIOD=30s \
@@ -32,8 +35,10 @@ const SECRET: &str = "prod/orders/api";
 const MASTER: &str = "prod/orders/master";
 const CLIENT_ID: &str = "orders-rotation";
 const CLIENT_SECRET: &str = "cs_load_never_logged";
-/// keyproxy's route `refresh_cooldown`; rotations are spaced further apart than this.
+/// keyproxy's route `refresh_cooldown` in the first runs; rotations are spaced further apart.
 const COOLDOWN: Duration = Duration::from_millis(500);
+/// Pause between back-to-back rotations, far inside the default `refresh_cooldown` (5 s).
+const BACK_TO_BACK: Duration = Duration::from_millis(300);
 
 /// One run at a time: each starts moto, keyproxy and eight busy clients on a small machine.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -56,6 +61,11 @@ struct Plan {
     peer_uses_new_key: bool,
     /// keyproxy `GetSecretValue` calls allowed per rotation on the 401 path.
     fetches_per_rotation: u64,
+    /// The route's `refresh_cooldown`; `None`: the default.
+    cooldown: Option<Duration>,
+    /// Whether every key issued must be used through keyproxy. An API that keeps two keys valid
+    /// lets keyproxy skip one when its fetch comes after a rotation has finished.
+    every_key_used: bool,
 }
 
 /// What a run measured.
@@ -211,15 +221,18 @@ async fn client(kp_url: String, id: usize, stop: Arc<AtomicBool>, load: Arc<Load
     }
 }
 
-fn route_config(api: &TokenApi, refresh_interval: Duration) -> String {
+fn route_config(api: &TokenApi, plan: &Plan) -> String {
+    let cooldown = plan
+        .cooldown
+        .map(|c| format!("refresh_cooldown = \"{}\"\n", humantime::format_duration(c)))
+        .unwrap_or_default();
     format!(
         "access_log = false\n\
          [[route]]\nname = \"orders\"\npath_prefix = \"/api\"\nupstream = \"{}\"\n\
          secret_id = \"{SECRET}\"\nsecret_field = \"token\"\n\
-         refresh_interval = \"{}\"\nrefresh_cooldown = \"{}\"\n",
+         refresh_interval = \"{}\"\n{cooldown}",
         api.url(),
-        humantime::format_duration(refresh_interval),
-        humantime::format_duration(COOLDOWN),
+        humantime::format_duration(plan.refresh_interval),
     )
 }
 
@@ -324,7 +337,7 @@ async fn run(plan: Plan) -> Figures {
         .await
         .expect("first rotation");
 
-    let kp = KeyProxy::start(&route_config(&api, plan.refresh_interval), &aws_env(&moto));
+    let kp = KeyProxy::start(&route_config(&api, &plan), &aws_env(&moto));
     let started = Instant::now();
     kp.wait_ready(Duration::from_secs(20)).await;
 
@@ -352,7 +365,7 @@ async fn run(plan: Plan) -> Figures {
     // The last key reaches keyproxy through the 401 path or a background refresh.
     let last = api.issued().last().cloned().unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while api.uses(&last).1 == 0 && Instant::now() < deadline {
+    while plan.every_key_used && api.uses(&last).1 == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -382,12 +395,14 @@ async fn run(plan: Plan) -> Figures {
     figures.fetches = kp.fetches().await;
     let issued = api.issued();
     figures.keys_issued = issued.len();
-    figures.keys_unused = issued
-        .iter()
-        .enumerate()
-        .filter(|(_, k)| api.uses(k).1 == 0)
-        .map(|(i, _)| i)
-        .collect();
+    if plan.every_key_used {
+        figures.keys_unused = issued
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| api.uses(k).1 == 0)
+            .map(|(i, _)| i)
+            .collect();
+    }
     // The first fetch, the background refreshes that fit in the elapsed time (interval − 10%
     // jitter at the shortest), and the 401 path's fetches for each rotation.
     let refreshes =
@@ -434,6 +449,8 @@ fn short(name: &'static str, revocation: Revocation, refresh_interval: Duration)
         // after createSecret reads AWSCURRENT (unchanged) then AWSPENDING; one more read is
         // allowed in case that 401 beats the PutSecretValue and AWSPENDING is read again.
         fetches_per_rotation: if pending { 3 } else { 1 },
+        cooldown: Some(COOLDOWN),
+        every_key_used: true,
     }
 }
 
@@ -471,6 +488,31 @@ async fn rotation_under_load_with_short_refresh_interval() {
     ))
     .await
     .assert_ok();
+}
+
+/// Rotations 0.3 s apart, with the default `refresh_cooldown` (5 s), and an API that keeps only
+/// the two newest keys valid (a failed rotation retried, then a manual one): each rotation
+/// revokes the key keyproxy holds, and each 401 burst needs its own fetch. A fetch that found a
+/// new key must not make the next burst wait for the cooldown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_load_back_to_back_rotations_with_the_default_cooldown() {
+    let plan = Plan {
+        name: "back to back",
+        revocation: Revocation::KeepNewest(2),
+        refresh_interval: Duration::from_secs(3600),
+        rotations: 20,
+        pause: BACK_TO_BACK,
+        clients: 8,
+        test_url: true,
+        peer_uses_new_key: false,
+        // One AWSCURRENT read per 401 burst: the new AWSCURRENT is the key the API accepts.
+        fetches_per_rotation: 1,
+        cooldown: None,
+        every_key_used: false,
+    };
+    let f = run(plan).await;
+    f.assert_ok();
+    assert!(f.fetches <= 25.0, "{} GetSecretValue calls", f.fetches);
 }
 
 /// The API revokes the old key the moment createSecret mints the new one, while `AWSCURRENT`

@@ -57,6 +57,15 @@ pub const AWS_CONNECT_TIMEOUT: DurationSetting = DurationSetting {
 };
 /// `aws.max_attempts`: SDK attempts per call.
 pub const AWS_MAX_ATTEMPTS: u32 = 2;
+/// `aws.startup_jitter`: the longest random delay before a sidecar's first Secrets Manager call
+/// (off by default: every start waits part of it).
+pub const AWS_STARTUP_JITTER: DurationSetting = DurationSetting {
+    default: Duration::ZERO,
+    min: Duration::ZERO,
+};
+/// The longest `aws.startup_jitter` accepted: beyond it, orchestrators give up on a container
+/// that is not ready (the Kubernetes example allows 2 minutes).
+pub const MAX_AWS_STARTUP_JITTER: Duration = Duration::from_secs(300);
 
 // The app-side token.
 
@@ -86,7 +95,7 @@ pub const REFRESH_INTERVAL: DurationSetting = DurationSetting {
     default: Duration::from_secs(300),
     min: Duration::from_secs(1),
 };
-/// `refresh_cooldown`: minimum time between two 401-forced refreshes.
+/// `refresh_cooldown`: after a 401-forced fetch that found nothing newer, no other before this.
 pub const REFRESH_COOLDOWN: DurationSetting = DurationSetting {
     default: Duration::from_secs(5),
     min: Duration::ZERO,

@@ -40,6 +40,7 @@ pub(super) struct RawAws {
     pub(super) timeout: Option<String>,
     pub(super) connect_timeout: Option<String>,
     pub(super) max_attempts: Option<u32>,
+    pub(super) startup_jitter: Option<String>,
 }
 
 /// `[source]`.

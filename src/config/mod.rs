@@ -127,8 +127,8 @@ pub struct RouteConfig {
     pub injection: Injection,
     /// Background refresh period (± jitter; [`defaults::REFRESH_INTERVAL`]).
     pub refresh_interval: Duration,
-    /// Minimum time between two forced (401-triggered) refreshes of the secret
-    /// ([`defaults::REFRESH_COOLDOWN`]).
+    /// After a forced (401-triggered) refresh that found nothing newer, the time before another
+    /// ([`defaults::REFRESH_COOLDOWN`]); a refresh that found a newer key starts none.
     pub refresh_cooldown: Duration,
     /// On a 401 that a fresh `AWSCURRENT` cannot fix, try the `AWSPENDING` version (a rotation
     /// between createSecret and finishSecret, with an API that revoked the old key on issue).

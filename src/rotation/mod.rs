@@ -374,6 +374,7 @@ impl Default for Settings {
                 attempt_timeout: Duration::from_secs(5),
                 connect_timeout: Duration::from_secs(3),
                 max_attempts: 3,
+                startup_jitter: Duration::ZERO,
             },
         }
     }

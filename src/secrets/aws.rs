@@ -4,11 +4,19 @@
 //! EKS Pod Identity, instance profile, profile files); `[aws] region` and `[aws] endpoint_url`
 //! override them, and `AWS_ENDPOINT_URL_SECRETS_MANAGER` / `AWS_ENDPOINT_URL` are honoured by the
 //! SDK itself. TLS is rustls with the `ring` provider (no OpenSSL, no aws-lc build).
+//!
+//! The sidecar's client ([`AwsSource::connect`]) retries timeouts, resets and 5xx answers as the
+//! SDK's standard mode does (`max_attempts`), but not a throttled call: the cache's backoff and
+//! its process-wide throttle gate ([`crate::backoff`]) decide when the next call goes, so a
+//! throttled fleet does not double its calls with immediate SDK retries.
 
 use std::time::Duration;
 
-use aws_config::{BehaviorVersion, Region};
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_secretsmanager::config::interceptors::InterceptorContext;
+use aws_sdk_secretsmanager::config::retry::{ClassifyRetry, RetryAction};
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
 use aws_sdk_secretsmanager::Client;
 use aws_smithy_http_client::tls;
 use aws_smithy_types::retry::RetryConfig;
@@ -30,10 +38,25 @@ pub struct AwsSettings {
     pub connect_timeout: Duration,
     /// Attempts per call (the SDK's standard retry with backoff); 1 disables retries.
     pub max_attempts: u32,
+    /// The longest random delay before the sidecar's first call (`startup_jitter`); zero: none.
+    /// The rotation function does not use it.
+    pub startup_jitter: Duration,
 }
+
+/// Error codes that mean Secrets Manager throttled the call.
+const THROTTLING_CODES: &[&str] = &[
+    "ThrottlingException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+];
 
 /// Builds a Secrets Manager client from `settings` and the SDK's default chain.
 pub async fn client(settings: &AwsSettings) -> Client {
+    Client::new(&sdk_config(settings).await)
+}
+
+/// The SDK configuration `settings` describe, over the default chain.
+async fn sdk_config(settings: &AwsSettings) -> SdkConfig {
     let http_client = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(
             tls::rustls_provider::CryptoMode::Ring,
@@ -54,7 +77,32 @@ pub async fn client(settings: &AwsSettings) -> Client {
     if let Some(url) = &settings.endpoint_url {
         loader = loader.endpoint_url(url.clone());
     }
-    Client::new(&loader.load().await)
+    loader.load().await
+}
+
+/// Tells the SDK not to retry a throttled `GetSecretValue` (see the module docs).
+#[derive(Debug)]
+struct ThrottlesLeftToTheCache;
+
+impl ClassifyRetry for ThrottlesLeftToTheCache {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        let throttled = ctx
+            .output_or_error()
+            .and_then(Result::err)
+            .and_then(|e| e.as_operation_error())
+            .and_then(|e| e.downcast_ref::<GetSecretValueError>())
+            .and_then(ProvideErrorMetadata::code)
+            .is_some_and(|code| THROTTLING_CODES.contains(&code));
+        if throttled {
+            RetryAction::RetryForbidden
+        } else {
+            RetryAction::NoActionIndicated
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "keyproxy: throttled calls are left to the cache's backoff"
+    }
 }
 
 /// Reads secrets from AWS Secrets Manager.
@@ -62,12 +110,29 @@ pub async fn client(settings: &AwsSettings) -> Client {
 pub struct AwsSource {
     /// The SDK client (cheap to clone; pooled connections inside).
     client: Client,
+    /// The longest random delay before the cache's first fetch.
+    startup_jitter: Duration,
 }
 
 impl AwsSource {
-    /// A source over an existing client.
+    /// A source over an existing client, without start-up jitter.
     pub fn new(client: Client) -> Self {
-        AwsSource { client }
+        AwsSource {
+            client,
+            startup_jitter: Duration::ZERO,
+        }
+    }
+
+    /// The sidecar's source: a client from `settings` that leaves throttled calls to the cache
+    /// instead of retrying them, and `settings.startup_jitter`.
+    pub async fn connect(settings: &AwsSettings) -> Self {
+        let config = aws_sdk_secretsmanager::config::Builder::from(&sdk_config(settings).await)
+            .retry_classifier(ThrottlesLeftToTheCache)
+            .build();
+        AwsSource {
+            client: Client::from_conf(config),
+            startup_jitter: settings.startup_jitter,
+        }
     }
 }
 
@@ -104,6 +169,10 @@ impl SecretSource for AwsSource {
                 value: Secret::new(value),
             })
         })
+    }
+
+    fn startup_jitter(&self) -> Duration {
+        self.startup_jitter
     }
 
     fn name(&self) -> &'static str {
@@ -148,9 +217,7 @@ where
                 "AccessDeniedException" | "UnrecognizedClientException" => {
                     SourceError::AccessDenied { id, detail }
                 }
-                "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
-                    SourceError::Throttled { id, detail }
-                }
+                c if THROTTLING_CODES.contains(&c) => SourceError::Throttled { id, detail },
                 "DecryptionFailure" => SourceError::Decryption { id, detail },
                 _ => SourceError::Other { id, detail },
             }

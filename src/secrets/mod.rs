@@ -110,6 +110,12 @@ pub trait SecretSource: Send + Sync + 'static {
         None
     }
 
+    /// The longest random delay before the cache's first fetch, so that a fleet started at once
+    /// does not call at once (`[aws] startup_jitter`). Zero: no delay.
+    fn startup_jitter(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// A short name for logs (`aws`, `file`).
     fn name(&self) -> &'static str;
 }

@@ -34,6 +34,8 @@ pub enum Revocation {
     OnIssue,
     /// When a newer key is used for the first time (by anyone), every older key is revoked.
     OnFirstUseOfNewer,
+    /// Only the newest this many keys are valid: issuing one revokes the oldest still valid.
+    KeepNewest(usize),
 }
 
 /// How `POST /tokens` behaves.
@@ -287,10 +289,21 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<F
                     }
                     let serial = s.keys.len();
                     let key = format!("tk-{serial}-{:016x}", rand::random::<u64>());
-                    if s.revocation == Revocation::OnIssue {
-                        for k in &mut s.keys {
-                            k.revoked = true;
+                    match s.revocation {
+                        Revocation::OnIssue => {
+                            for k in &mut s.keys {
+                                k.revoked = true;
+                            }
                         }
+                        Revocation::KeepNewest(n) => {
+                            // With the key being issued, the newest n.
+                            let keep = n.saturating_sub(1);
+                            let old = s.keys.len().saturating_sub(keep);
+                            for k in &mut s.keys[..old] {
+                                k.revoked = true;
+                            }
+                        }
+                        Revocation::Never | Revocation::OnFirstUseOfNewer => {}
                     }
                     s.keys.push(Key {
                         key: key.clone(),

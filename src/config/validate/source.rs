@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use http::Uri;
 
@@ -47,7 +48,8 @@ pub(super) fn source(
     }
 }
 
-/// `[aws]`: an endpoint URL with a scheme, and the SDK's timeouts and attempts.
+/// `[aws]`: an endpoint URL with a scheme, the SDK's timeouts and attempts, and the start-up
+/// jitter.
 fn aws_settings(aws: RawAws, g: &dyn Fn(&str) -> String, problems: &mut Problems) -> AwsSettings {
     if let Some(u) = &aws.endpoint_url {
         if Uri::from_str(u)
@@ -73,7 +75,31 @@ fn aws_settings(aws: RawAws, g: &dyn Fn(&str) -> String, problems: &mut Problems
             defaults::AWS_CONNECT_TIMEOUT,
         ),
         max_attempts: aws.max_attempts.unwrap_or(defaults::AWS_MAX_ATTEMPTS),
+        startup_jitter: startup_jitter(aws.startup_jitter.as_deref(), g, problems),
     }
+}
+
+/// `aws.startup_jitter`: a duration from 0 (off, the default) to
+/// [`defaults::MAX_AWS_STARTUP_JITTER`].
+fn startup_jitter(
+    v: Option<&str>,
+    g: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) -> Duration {
+    let key = g("aws.startup_jitter");
+    let d = duration(problems, key.clone(), v, defaults::AWS_STARTUP_JITTER);
+    if d > defaults::MAX_AWS_STARTUP_JITTER {
+        problems.add(
+            key,
+            format!(
+                "{:?} is too long (at most {}: a sidecar that is not ready by then is usually restarted)",
+                v.unwrap_or_default(),
+                humantime::format_duration(defaults::MAX_AWS_STARTUP_JITTER)
+            ),
+        );
+        return defaults::AWS_STARTUP_JITTER.default;
+    }
+    d
 }
 
 #[cfg(test)]
@@ -81,7 +107,9 @@ mod tests {
     use std::collections::HashMap;
     use std::path::{Path, PathBuf};
 
-    use crate::config::test_support::MINIMAL;
+    use std::time::Duration;
+
+    use crate::config::test_support::{keys, toml, MINIMAL};
     use crate::config::{Config, SourceConfig};
 
     #[test]
@@ -94,5 +122,27 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.source, SourceConfig::File(PathBuf::from("cfg/s.json")));
+    }
+
+    fn startup_jitter(c: &Config) -> Duration {
+        match &c.source {
+            SourceConfig::Aws(a) => a.startup_jitter,
+            SourceConfig::File(_) => Duration::MAX,
+        }
+    }
+
+    #[test]
+    fn startup_jitter_is_off_by_default_and_bounded() {
+        assert_eq!(
+            startup_jitter(&toml(MINIMAL).expect("valid")),
+            Duration::ZERO
+        );
+        let c = toml(&format!("[aws]\nstartup_jitter = \"20s\"\n{MINIMAL}")).expect("valid");
+        assert_eq!(startup_jitter(&c), Duration::from_secs(20));
+        for bad in ["\"6m\"", "\"soon\"", "\"-1s\""] {
+            let e =
+                toml(&format!("[aws]\nstartup_jitter = {bad}\n{MINIMAL}")).expect_err("refused");
+            assert_eq!(keys(&e), vec!["aws.startup_jitter"], "{bad}");
+        }
     }
 }
