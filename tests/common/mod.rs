@@ -244,6 +244,19 @@ pub fn aws_env(moto: &Moto) -> Vec<(String, String)> {
     ]
 }
 
+/// Environment for a process that must find no AWS credentials anywhere: no variables, an empty
+/// home, no config or credentials file, and no instance metadata (which would find a role on an
+/// EC2 runner). For a process started with an empty environment.
+pub fn no_credentials_env(dir: &std::path::Path) -> Vec<(String, String)> {
+    let missing = |f: &str| dir.join(f).display().to_string();
+    vec![
+        ("HOME".into(), dir.display().to_string()),
+        ("AWS_CONFIG_FILE".into(), missing("no-aws-config")),
+        ("AWS_SHARED_CREDENTIALS_FILE".into(), missing("no-aws-credentials")),
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+    ]
+}
+
 /// A running keyproxy process.
 pub struct KeyProxy {
     child: Child,
@@ -266,6 +279,15 @@ impl KeyProxy {
     /// given) and extra environment; waits until both listeners are up (not until ready).
     pub fn start(config: &str, env: &[(String, String)]) -> KeyProxy {
         let (cmd, dir) = KeyProxy::command(config);
+        KeyProxy::spawn(cmd, env, dir)
+    }
+
+    /// As [`KeyProxy::start`], with nothing of the test's environment but `PATH`: no AWS
+    /// credentials, profile or home directory unless `env` gives them.
+    pub fn start_isolated(config: &str, env: &[(String, String)]) -> KeyProxy {
+        let (mut cmd, dir) = KeyProxy::command(config);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
         KeyProxy::spawn(cmd, env, dir)
     }
 
