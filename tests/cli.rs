@@ -67,17 +67,23 @@ fn each_config_error_exits_64_naming_the_key() {
         }
     }
     let route_cases: &[(&str, &str)] = &[
-        ("header = \"bad header\"", "route[0].header"),
-        ("value = \"no placeholder\"", "route[0].value"),
-        ("refresh_interval = \"0s\"", "route[0].refresh_interval"),
-        ("max_replay_body = \"lots\"", "route[0].max_replay_body"),
-        ("retry_on_401 = \"yes\"", "(syntax)"),
-        ("timeout = \"-1s\"", "route[0].timeout"),
-        ("version_stage = \"\"", "route[0].version_stage"),
-        ("secret_feild = \"token\"", "route[0].secret_feild"),
+        ("header = \"bad header\"", "route \"a\" (#1) header"),
+        ("value = \"no placeholder\"", "route \"a\" (#1) value"),
+        (
+            "refresh_interval = \"0s\"",
+            "route \"a\" (#1) refresh_interval",
+        ),
+        (
+            "max_replay_body = \"lots\"",
+            "route \"a\" (#1) max_replay_body",
+        ),
+        ("retry_on_401 = \"yes\"", "route \"a\" (#1) retry_on_401"),
+        ("timeout = \"-1s\"", "route \"a\" (#1) timeout"),
+        ("version_stage = \"\"", "route \"a\" (#1) version_stage"),
+        ("secret_feild = \"token\"", "route \"a\" (#1) secret_feild"),
         (
             "query_param = \"k\"\nheader = \"X\"",
-            "route[0].query_param",
+            "route \"a\" (#1) query_param",
         ),
     ];
     for (extra, key) in route_cases {
@@ -94,7 +100,10 @@ fn each_config_error_exits_64_naming_the_key() {
         &[],
     );
     assert_eq!(code, 64);
-    assert!(err.contains("route[0].upstream:"), "{err}");
+    assert!(
+        err.contains("k.toml:4: route \"a\" (#1) upstream:"),
+        "{err}"
+    );
     // Every problem at once, with the file named.
     let (code, _, err) = keyproxy(
         &["check"],
@@ -106,6 +115,47 @@ fn each_config_error_exits_64_naming_the_key() {
         err.contains("2 problems") && err.contains("k.toml"),
         "{err}"
     );
+}
+
+#[test]
+fn check_reports_every_problem_in_one_pass_with_route_names_and_lines() {
+    let text = r#"listen = "127.0.0.1:8080"
+[source]
+type = "file"
+path = "no-such-secrets.json"
+
+[[route]]
+name = "payments"
+path_prefix = "/payments"
+upstream = "https://api.example.com"
+secret_id = "prod/payments"
+retry_on_401 = "yes"
+
+[[route]]
+name = "payments"
+path_prefix = "/payments"
+upstream = "ftp://api.example.com"
+secret_id = "prod/other"
+"#;
+    let (code, out, err) = keyproxy(&["check"], Some(text), &[]);
+    assert_eq!(code, 64, "{out}{err}");
+    let problems: Vec<&str> = err.lines().skip(1).map(str::trim).collect();
+    let expected = [
+        "k.toml:4: source.path: cannot read ",
+        "k.toml:11: route \"payments\" (#1) retry_on_401: invalid type: string \"yes\", expected a boolean",
+        "k.toml:14: route \"payments\" (#2) name: \"payments\" is already the name of route #1",
+        "k.toml:15: route \"payments\" (#2) path_prefix: \"/payments\" is already the path_prefix of route #1",
+        "k.toml:16: route \"payments\" (#2) upstream: \"ftp://api.example.com\": scheme \"ftp\" is not http or https",
+    ];
+    assert_eq!(problems.len(), expected.len(), "{err}");
+    for (p, e) in problems.iter().zip(expected) {
+        assert!(p.contains(e), "expected {e:?} in {p:?}:\n{err}");
+    }
+    assert!(
+        err.starts_with("keyproxy: invalid configuration ("),
+        "{err}"
+    );
+    assert!(err.contains("5 problems"), "{err}");
 }
 
 #[test]

@@ -34,7 +34,7 @@ pub(super) enum Namer {
 }
 
 impl Namer {
-    fn global(self, key: &str) -> String {
+    pub(in crate::config) fn global(self, key: &str) -> String {
         match self {
             Namer::File => key.to_owned(),
             Namer::Env => match key {
