@@ -130,12 +130,7 @@ where
         .with_env_filter(filter)
         .with_writer(writer);
     Ok(match format {
-        LogFormat::Text => Box::new(
-            builder
-                .with_ansi(color)
-                .fmt_fields(RoundedFields)
-                .finish(),
-        ),
+        LogFormat::Text => Box::new(builder.with_ansi(color).fmt_fields(RoundedFields).finish()),
         LogFormat::Json => Box::new(builder.event_format(JsonLines).finish()),
     })
 }
@@ -284,7 +279,10 @@ mod tests {
         // hyper_util is not hyper.
         assert!(directives("hyper=debug").contains(",hyper_util=info"));
         let d = directives("aws_config=debug");
-        assert!(!d.contains("aws_config=info") && !d.contains("chain=error"), "{d}");
+        assert!(
+            !d.contains("aws_config=info") && !d.contains("chain=error"),
+            "{d}"
+        );
         assert_eq!("JSON".parse::<LogFormat>(), Ok(LogFormat::Json));
     }
 

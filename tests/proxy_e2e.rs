@@ -445,16 +445,26 @@ async fn missing_aws_credentials_are_their_own_kind_saying_what_to_set() {
         error.starts_with("secret \"api\": no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with a role"),
         "{error}"
     );
-    assert!(!error.contains("IMDS") && !error.contains("dispatch"), "{error}");
+    assert!(
+        !error.contains("IMDS") && !error.contains("dispatch"),
+        "{error}"
+    );
 
     let r = http::get(&kp.url("/api/x")).await.expect("get");
     assert_eq!(r.status, 503);
     assert_eq!(r.headers["x-keyproxy-error"], "no_key");
-    assert!(r.text().contains("no AWS credentials found"), "{}", r.text());
+    assert!(
+        r.text().contains("no AWS credentials found"),
+        "{}",
+        r.text()
+    );
     assert!(up.seen().is_empty());
     assert!(
-        kp.counter("keyproxy_secret_fetches_total", &["result=\"no_credentials\""])
-            .await
+        kp.counter(
+            "keyproxy_secret_fetches_total",
+            &["result=\"no_credentials\""]
+        )
+        .await
             >= 1.0
     );
     // One warning naming the cause and what to set; no SDK dump at warn level.

@@ -186,7 +186,9 @@ where
 
 /// The credential provider's error, if `err` failed for want of credentials (the SDK reports
 /// it as a dispatch failure, before anything is sent).
-fn credentials_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a CredentialsError> {
+fn credentials_error<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a CredentialsError> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(c) = e.downcast_ref::<CredentialsError>() {
@@ -247,10 +249,15 @@ mod tests {
         assert_eq!(e.kind(), "no_credentials");
         let text = e.to_string();
         assert!(
-            text.starts_with("secret \"prod/api\": no AWS credentials found: set AWS_ACCESS_KEY_ID"),
+            text.starts_with(
+                "secret \"prod/api\": no AWS credentials found: set AWS_ACCESS_KEY_ID"
+            ),
             "{text}"
         );
-        assert!(text.contains("AWS_PROFILE") && !text.contains("IMDS"), "{text}");
+        assert!(
+            text.contains("AWS_PROFILE") && !text.contains("IMDS"),
+            "{text}"
+        );
         assert!(!text.contains('\n'));
         let e = fetch_without_credentials(true).await;
         assert_eq!(e.kind(), "no_credentials");

@@ -77,7 +77,9 @@ impl Served {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what} (run scripts/test, which installs it): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("cannot start {what} (run scripts/test, which installs it): {e}")
+            });
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<u16>();
@@ -252,7 +254,10 @@ pub fn no_credentials_env(dir: &std::path::Path) -> Vec<(String, String)> {
     vec![
         ("HOME".into(), dir.display().to_string()),
         ("AWS_CONFIG_FILE".into(), missing("no-aws-config")),
-        ("AWS_SHARED_CREDENTIALS_FILE".into(), missing("no-aws-credentials")),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE".into(),
+            missing("no-aws-credentials"),
+        ),
         ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
     ]
 }
