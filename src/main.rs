@@ -2,11 +2,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use keyproxy::config::{Config, DEFAULT_ADMIN_LISTEN};
 use keyproxy::telemetry::{self, LogFormat};
 
@@ -15,32 +15,65 @@ const EXIT_CONFIG: u8 = 64;
 
 /// A sidecar reverse proxy that injects API keys from AWS Secrets Manager.
 #[derive(Debug, Parser)]
-#[command(name = "keyproxy", version, about)]
+#[command(
+    name = "keyproxy",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
-    /// Config file (TOML). Without one, a single route comes from KEYPROXY_* variables.
-    #[arg(long, short, env = "KEYPROXY_CONFIG", global = true)]
-    config: Option<PathBuf>,
-    /// Log format: text or json.
-    #[arg(
-        long,
-        env = "KEYPROXY_LOG_FORMAT",
-        default_value = "text",
-        global = true
-    )]
-    log_format: LogFormat,
-    /// Log filter, e.g. info, debug, keyproxy=trace (else RUST_LOG, else info).
-    #[arg(long, env = "KEYPROXY_LOG", global = true)]
-    log: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// What running the proxy takes (also the arguments of `keyproxy` alone).
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Config file (TOML). Without one, a single route comes from KEYPROXY_* variables.
+    #[arg(long, short, env = "KEYPROXY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// Where log lines go and which.
+#[derive(Debug, Args)]
+struct LogArgs {
+    /// Log format: text or json.
+    #[arg(long, env = "KEYPROXY_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter, e.g. info, debug, keyproxy=trace (else RUST_LOG, else info).
+    #[arg(long, env = "KEYPROXY_LOG")]
+    log: Option<String>,
+}
+
+impl LogArgs {
+    /// Sets up logging on stderr; exit 64 (naming `who`) for a filter that does not parse.
+    fn init(&self, who: &str) -> Result<(), ExitCode> {
+        let spec = self
+            .log
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".into());
+        telemetry::init(&spec, self.log_format).map_err(|e| {
+            eprintln!("{who}: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy (the default).
-    Run,
+    Run(RunArgs),
     /// Validate the configuration: exit 0, or print every problem and exit 64.
-    Check,
+    Check {
+        /// Config file to check (TOML). Without one, the KEYPROXY_* variables are checked.
+        #[arg(long, short, env = "KEYPROXY_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Check the local admin endpoint (container health check): exit 0 if healthy, else 1.
     Health {
         /// Check /readyz (every route has a key) instead of /healthz.
@@ -49,6 +82,10 @@ enum Command {
         /// Admin address (else KEYPROXY_ADMIN_LISTEN, the config's admin_listen, or the default).
         #[arg(long)]
         admin: Option<SocketAddr>,
+        /// Config file whose admin_listen to check, when neither --admin nor
+        /// KEYPROXY_ADMIN_LISTEN is given.
+        #[arg(long, short, env = "KEYPROXY_CONFIG")]
+        config: Option<PathBuf>,
         /// Time allowed for the answer.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -66,12 +103,19 @@ enum Command {
         /// Rotate even if rotation is not enabled for the secret (no schedule needed on demand).
         #[arg(long)]
         skip_rotation_enabled_check: bool,
+        /// Config file whose [aws] section (region, endpoint_url, timeouts, attempts) and
+        /// ca_bundle to use; the rest of the file is not read. Without one, the AWS SDK's
+        /// defaults (AWS_REGION, AWS_ENDPOINT_URL_SECRETS_MANAGER, ...).
+        #[arg(long, short, env = "KEYPROXY_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        log: LogArgs,
     },
 }
 
-fn load(cli: &Cli) -> Result<Config, ExitCode> {
+fn load(config: Option<&Path>) -> Result<Config, ExitCode> {
     let env: HashMap<String, String> = std::env::vars().collect();
-    Config::load(cli.config.as_deref(), &env).map_err(|e| {
+    Config::load(config, &env).map_err(|e| {
         eprintln!("keyproxy: {e}");
         ExitCode::from(EXIT_CONFIG)
     })
@@ -80,7 +124,7 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Some(Command::Check) => match load(&cli) {
+        Some(Command::Check { config }) => match load(config.as_deref()) {
             Ok(c) => {
                 println!(
                     "{}: configuration is valid ({} route{})",
@@ -113,6 +157,7 @@ fn main() -> ExitCode {
         Some(Command::Health {
             ready,
             admin,
+            config,
             timeout,
         }) => {
             let addr = admin
@@ -123,7 +168,7 @@ fn main() -> ExitCode {
                 })
                 .or_else(|| {
                     let env = HashMap::new();
-                    cli.config
+                    config
                         .as_deref()
                         .and_then(|p| Config::from_file(p, &env).ok())
                         .map(|c| c.admin_listen)
@@ -153,14 +198,14 @@ fn main() -> ExitCode {
             secret_id,
             token,
             skip_rotation_enabled_check,
+            config,
+            log,
         }) => {
-            let spec = cli.log.clone().unwrap_or_else(|| "info".into());
-            if let Err(e) = telemetry::init(&spec, cli.log_format) {
-                eprintln!("keyproxy rotate: {e}");
-                return ExitCode::from(EXIT_CONFIG);
+            if let Err(code) = log.init("keyproxy rotate") {
+                return code;
             }
             let env: HashMap<String, String> = std::env::vars().collect();
-            let settings = match keyproxy::rotation::Settings::from_env(&env) {
+            let settings = match keyproxy::rotation::Settings::load(config.as_deref(), &env) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("keyproxy rotate: {e}");
@@ -189,38 +234,36 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Run) | None => {
-            let spec = cli
-                .log
-                .clone()
-                .or_else(|| std::env::var("RUST_LOG").ok())
-                .unwrap_or_else(|| "info".into());
-            if let Err(e) = telemetry::init(&spec, cli.log_format) {
-                eprintln!("keyproxy: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            let config = match load(&cli) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let rt = match runtime(config.worker_threads) {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("keyproxy: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(keyproxy::run(config, keyproxy::shutdown_signal())) {
-                Ok(()) => {
-                    tracing::info!("stopped");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "keyproxy cannot run");
-                    eprintln!("keyproxy: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Some(Command::Run(run)) => serve(run),
+        None => serve(&cli.run),
+    }
+}
+
+/// Runs the proxy until SIGTERM or SIGINT.
+fn serve(run: &RunArgs) -> ExitCode {
+    if let Err(code) = run.log.init("keyproxy") {
+        return code;
+    }
+    let config = match load(run.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match runtime(config.worker_threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(keyproxy::run(config, keyproxy::shutdown_signal())) {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "keyproxy cannot run");
+            eprintln!("keyproxy: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The command line: `check`, config errors (exit 64 naming the key), `health`.
+//! The command line: `check`, config errors (exit 64 naming the key), `health`, each
+//! subcommand's help, plain logs when stderr is not a terminal.
 
 mod common;
 
@@ -189,6 +190,62 @@ fn health_fails_when_nothing_listens() {
     );
     assert_eq!(code, 1);
     assert!(err.contains("/healthz"), "{err}");
+}
+
+#[test]
+fn each_subcommand_help_shows_only_what_applies_to_it() {
+    let help = |cmd: &str| {
+        let (code, out, err) = keyproxy(&[cmd, "--help"], None, &[]);
+        assert_eq!(code, 0, "{cmd}: {err}");
+        out
+    };
+    let run_config = "a single route comes from KEYPROXY_* variables";
+    let check = help("check");
+    assert!(check.contains("Config file to check"), "{check}");
+    assert!(
+        !check.contains(run_config) && !check.contains("--log"),
+        "{check}"
+    );
+    let health = help("health");
+    assert!(health.contains("whose admin_listen to check"), "{health}");
+    assert!(
+        !health.contains(run_config) && !health.contains("--log"),
+        "{health}"
+    );
+    let rotate = help("rotate");
+    assert!(rotate.contains("whose [aws] section"), "{rotate}");
+    assert!(rotate.contains("--log-format"), "{rotate}");
+    assert!(!rotate.contains(run_config), "{rotate}");
+    for run in [help("run"), keyproxy(&["--help"], None, &[]).1] {
+        assert!(
+            run.contains(run_config) && run.contains("--log-format"),
+            "{run}"
+        );
+    }
+    // A subcommand's options go after it.
+    let (code, _, err) = keyproxy(&["--config", "k.toml", "check"], None, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with '--config"), "{err}");
+}
+
+#[test]
+fn logs_are_plain_text_when_stderr_is_not_a_terminal() {
+    // The app port is taken: keyproxy logs the failure and exits.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = scratch("plain-logs");
+    std::fs::write(dir.join("s.json"), r#"{"s": "k"}"#).expect("write");
+    let config = format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n[source]\ntype = \"file\"\npath = \"{}\"\n{ROUTE}",
+        dir.join("s.json").display()
+    );
+    let (code, _, err) = keyproxy(&[], Some(&config), &[("TERM", "xterm-256color")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("keyproxy cannot run"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a non-terminal stderr: {err:?}"
+    );
 }
 
 #[test]

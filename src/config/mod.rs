@@ -317,6 +317,25 @@ impl Config {
             .map_err(|e| file::locate(e, text, env))
     }
 
+    /// Only the `[aws]` section and `ca_bundle` of the TOML file at `path`, checked as for the
+    /// proxy (and the file's syntax and unknown keys): what `keyproxy rotate --config` takes from
+    /// the proxy's config file.
+    pub fn aws_from_file(
+        path: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<(AwsSettings, Option<PathBuf>), ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::single(&origin, "(file)", format!("cannot read the file: {e}"))
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let (raw, mut problems) = file::parse(&text, &origin)?;
+        let aws = validate::aws_only(raw, &base, &mut problems);
+        problems
+            .into_result(&origin, aws)
+            .map_err(|e| file::locate(e, &text, env))
+    }
+
     /// Builds a single-route configuration from `KEYPROXY_*` variables.
     pub fn from_env(env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let (raw, problems) = env::parse(env);

@@ -17,6 +17,7 @@ use std::time::Duration;
 use super::defaults::{self, DurationSetting, MAX_DURATION};
 use super::file::RawFile;
 use super::{Config, ConfigError, Problems};
+use crate::secrets::aws::AwsSettings;
 
 mod app_auth;
 mod global;
@@ -109,6 +110,18 @@ pub(super) fn validate(
         worker_threads,
     };
     problems.into_result(origin, config)
+}
+
+/// `[aws]` and `ca_bundle` alone (for rotation, which needs nothing else of the file).
+pub(super) fn aws_only(
+    raw: RawFile,
+    base: &Path,
+    problems: &mut Problems,
+) -> (AwsSettings, Option<PathBuf>) {
+    let g = |k: &str| Namer::File.global(k);
+    let aws = source::aws_settings(raw.aws.unwrap_or_default(), &g, problems);
+    let ca_bundle = global::ca_bundle(raw.ca_bundle.as_deref(), base, g("ca_bundle"), problems);
+    (aws, ca_bundle)
 }
 
 /// Parses a duration setting: its default when absent; a problem (and the default) when it is

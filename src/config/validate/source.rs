@@ -65,7 +65,11 @@ fn secrets_file(path: PathBuf, g: &dyn Fn(&str) -> String, problems: &mut Proble
 }
 
 /// `[aws]`: an endpoint URL with a scheme, and the SDK's timeouts and attempts.
-fn aws_settings(aws: RawAws, g: &dyn Fn(&str) -> String, problems: &mut Problems) -> AwsSettings {
+pub(super) fn aws_settings(
+    aws: RawAws,
+    g: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) -> AwsSettings {
     if let Some(u) = &aws.endpoint_url {
         if Uri::from_str(u)
             .map(|u| u.scheme().is_none())
