@@ -1,4 +1,5 @@
-//! The `keyproxy` binary: parse arguments, set up logs, load the config, run.
+//! The `keyproxy` binary: parse arguments, set up logs, load the config, run (or check it, probe
+//! the admin endpoint, rotate a secret, or serve the development echo API).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,6 +9,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use keyproxy::config::{Config, DEFAULT_ADMIN_LISTEN};
+use keyproxy::dev::{DevApi, Issuer};
+use keyproxy::rotation::{self, RotateOptions};
+use keyproxy::secrets::Secret;
 use keyproxy::telemetry::{self, LogFormat};
 
 /// EX_USAGE: the configuration is invalid.
@@ -111,8 +115,74 @@ enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Run the development echo API: a local upstream that answers every request with what
+    /// arrived, keys shown as fingerprints. See the Quickstart in README.md.
+    Echo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Also issue keys to this client at POST /oauth/token, and require a live key
+        /// (Authorization: Bearer) on every other request: an API to rotate keys against.
+        #[arg(long, requires = "client_secret")]
+        client_id: Option<String>,
+        /// The client secret that goes with --client-id (development only).
+        #[arg(long, requires = "client_id")]
+        client_secret: Option<String>,
+        /// How long an older key keeps working once a newer one is issued.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        #[command(flatten)]
+        log: LogArgs,
+    },
 }
 
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { config }) => check(config.as_deref()),
+        Some(Command::Health {
+            ready,
+            admin,
+            config,
+            timeout,
+        }) => health(ready, admin, config.as_deref(), timeout),
+        Some(Command::Rotate {
+            secret_id,
+            token,
+            skip_rotation_enabled_check,
+            config,
+            log,
+        }) => rotate(
+            &secret_id,
+            RotateOptions {
+                token,
+                require_rotation_enabled: !skip_rotation_enabled_check,
+            },
+            config.as_deref(),
+            &log,
+        ),
+        Some(Command::Echo {
+            listen,
+            client_id,
+            client_secret,
+            grace,
+            log,
+        }) => {
+            let issuer = client_id
+                .zip(client_secret)
+                .map(|(client_id, secret)| Issuer {
+                    client_id,
+                    client_secret: Secret::new(secret),
+                    grace,
+                });
+            echo(listen, issuer, &log)
+        }
+        Some(Command::Run(run)) => serve(&run),
+        None => serve(&cli.run),
+    }
+}
+
+/// The validated configuration from `config` (else the environment); exit 64 if invalid.
 fn load(config: Option<&Path>) -> Result<Config, ExitCode> {
     let env: HashMap<String, String> = std::env::vars().collect();
     Config::load(config, &env).map_err(|e| {
@@ -121,125 +191,143 @@ fn load(config: Option<&Path>) -> Result<Config, ExitCode> {
     })
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match &cli.command {
-        Some(Command::Check { config }) => match load(config.as_deref()) {
-            Ok(c) => {
-                println!(
-                    "{}: configuration is valid ({} route{})",
-                    c.origin,
-                    c.routes.len(),
-                    if c.routes.len() == 1 { "" } else { "s" }
-                );
-                for r in &c.routes {
-                    println!(
-                        "  route {:?}: {}{} -> {} (secret {:?} {}, {})",
-                        r.name,
-                        r.path_prefix
-                            .as_deref()
-                            .map(|p| format!("path {p}"))
-                            .unwrap_or_default(),
-                        r.host
-                            .as_deref()
-                            .map(|h| format!(" host {h}"))
-                            .unwrap_or_default(),
-                        r.upstream,
-                        r.secret_id,
-                        r.version_stage,
-                        r.injection.describe()
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Some(Command::Health {
-            ready,
-            admin,
-            config,
-            timeout,
-        }) => {
-            let addr = admin
-                .or_else(|| {
-                    std::env::var("KEYPROXY_ADMIN_LISTEN")
-                        .ok()
-                        .and_then(|a| a.parse().ok())
-                })
-                .or_else(|| {
-                    let env = HashMap::new();
-                    config
-                        .as_deref()
-                        .and_then(|p| Config::from_file(p, &env).ok())
-                        .map(|c| c.admin_listen)
-                })
-                .or_else(|| DEFAULT_ADMIN_LISTEN.parse().ok());
-            let Some(addr) = addr else {
-                eprintln!("keyproxy health: no admin address");
-                return ExitCode::FAILURE;
-            };
-            let path = if *ready { "/readyz" } else { "/healthz" };
-            match runtime(Some(1)).and_then(|rt| {
-                rt.block_on(keyproxy::admin_client::get(addr, path, *timeout))
-                    .map_err(|e| e.to_string())
-            }) {
-                Ok((200, _)) => ExitCode::SUCCESS,
-                Ok((status, body)) => {
-                    eprintln!("keyproxy health: {path} answered {status}: {}", body.trim());
-                    ExitCode::FAILURE
-                }
-                Err(e) => {
-                    eprintln!("keyproxy health: {path}: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+/// `keyproxy check`: the routes of a valid configuration, or every problem.
+fn check(config: Option<&Path>) -> ExitCode {
+    let c = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let n = c.routes.len();
+    let s = if n == 1 { "" } else { "s" };
+    println!("{}: configuration is valid ({n} route{s})", c.origin);
+    for r in &c.routes {
+        println!(
+            "  route {:?}: {}{} -> {} (secret {:?} {}, {})",
+            r.name,
+            r.path_prefix
+                .as_deref()
+                .map(|p| format!("path {p}"))
+                .unwrap_or_default(),
+            r.host
+                .as_deref()
+                .map(|h| format!(" host {h}"))
+                .unwrap_or_default(),
+            r.upstream,
+            r.secret_id,
+            r.version_stage,
+            r.injection.describe()
+        );
+    }
+    if let Some(addr) = c.dev_echo {
+        println!("  development echo API on {addr}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// `keyproxy health`: GET `/healthz` (or `/readyz`) on the admin address.
+fn health(
+    ready: bool,
+    admin: Option<SocketAddr>,
+    config: Option<&Path>,
+    timeout: Duration,
+) -> ExitCode {
+    let addr = admin
+        .or_else(|| {
+            std::env::var("KEYPROXY_ADMIN_LISTEN")
+                .ok()
+                .and_then(|a| a.parse().ok())
+        })
+        .or_else(|| {
+            config
+                .and_then(|p| Config::from_file(p, &HashMap::new()).ok())
+                .map(|c| c.admin_listen)
+        })
+        .or_else(|| DEFAULT_ADMIN_LISTEN.parse().ok());
+    let Some(addr) = addr else {
+        eprintln!("keyproxy health: no admin address");
+        return ExitCode::FAILURE;
+    };
+    let path = if ready { "/readyz" } else { "/healthz" };
+    match runtime(Some(1)).and_then(|rt| {
+        rt.block_on(keyproxy::admin_client::get(addr, path, timeout))
+            .map_err(|e| e.to_string())
+    }) {
+        Ok((200, _)) => ExitCode::SUCCESS,
+        Ok((status, body)) => {
+            eprintln!("keyproxy health: {path} answered {status}: {}", body.trim());
+            ExitCode::FAILURE
         }
-        Some(Command::Rotate {
-            secret_id,
-            token,
-            skip_rotation_enabled_check,
-            config,
-            log,
-        }) => {
-            if let Err(code) = log.init("keyproxy rotate") {
-                return code;
-            }
-            let env: HashMap<String, String> = std::env::vars().collect();
-            let settings = match keyproxy::rotation::Settings::load(config.as_deref(), &env) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("keyproxy rotate: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let options = keyproxy::rotation::RotateOptions {
-                token: token.clone(),
-                require_rotation_enabled: !skip_rotation_enabled_check,
-            };
-            let result = runtime(None).and_then(|rt| {
-                rt.block_on(async {
-                    let rotator = keyproxy::rotation::Rotator::from_settings(&settings).await?;
-                    keyproxy::rotation::rotate_now(&rotator, secret_id, &options).await
-                })
-                .map_err(|e| e.to_string())
-            });
-            match result {
-                Ok(rotated) => {
-                    println!("{}", rotated.version_id);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("keyproxy rotate: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Err(e) => {
+            eprintln!("keyproxy health: {path}: {e}");
+            ExitCode::FAILURE
         }
-        Some(Command::Run(run)) => serve(run),
-        None => serve(&cli.run),
     }
 }
 
-/// Runs the proxy until SIGTERM or SIGINT.
+/// `keyproxy rotate`: the four steps now; the new version id on stdout.
+fn rotate(
+    secret_id: &str,
+    options: RotateOptions,
+    config: Option<&Path>,
+    log: &LogArgs,
+) -> ExitCode {
+    if let Err(code) = log.init("keyproxy rotate") {
+        return code;
+    }
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let settings = match rotation::Settings::load(config, &env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keyproxy rotate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = runtime(None).and_then(|rt| {
+        rt.block_on(async {
+            let rotator = rotation::Rotator::from_settings(&settings).await?;
+            rotation::rotate_now(&rotator, secret_id, &options).await
+        })
+        .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(rotated) => {
+            println!("{}", rotated.version_id);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keyproxy rotate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `keyproxy echo`: the development echo API until SIGTERM or SIGINT.
+fn echo(listen: SocketAddr, issuer: Option<Issuer>, log: &LogArgs) -> ExitCode {
+    if let Err(code) = log.init("keyproxy echo") {
+        return code;
+    }
+    let result = runtime(Some(1)).and_then(|rt| {
+        rt.block_on(async {
+            let api = DevApi::bind(listen, issuer)
+                .await
+                .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            tokio::select! {
+                () = api.serve() => {}
+                () = keyproxy::shutdown_signal() => {}
+            }
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyproxy echo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the proxy (and the development echo API, if `[dev] echo` asks) until SIGTERM or SIGINT.
 fn serve(run: &RunArgs) -> ExitCode {
     if let Err(code) = run.log.init("keyproxy") {
         return code;
@@ -255,7 +343,18 @@ fn serve(run: &RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(keyproxy::run(config, keyproxy::shutdown_signal())) {
+    let result = rt.block_on(async {
+        if let Some(addr) = config.dev_echo {
+            let api = DevApi::bind(addr, None)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} ([dev] echo): {e}"))?;
+            tokio::spawn(api.serve());
+        }
+        keyproxy::run(config, keyproxy::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

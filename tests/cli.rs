@@ -31,7 +31,11 @@ const ROUTE: &str = "[[route]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \
 
 #[test]
 fn check_accepts_the_shipped_configs() {
-    for file in ["config/local.toml", "config/example.toml"] {
+    for file in [
+        "config/local.toml",
+        "config/internet.toml",
+        "config/example.toml",
+    ] {
         let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
         let (code, out, err) = keyproxy(&["check", "--config", &path], None, &[]);
         assert_eq!(code, 0, "{file}: {out}{err}");

@@ -28,6 +28,7 @@ pub(super) struct RawFile {
     pub(super) aws: Option<RawAws>,
     pub(super) source: Option<RawSource>,
     pub(super) app_auth: Option<RawAppAuth>,
+    pub(super) dev: Option<RawDev>,
     #[serde(rename = "route")]
     pub(super) routes: Option<Vec<RawRoute>>,
 }
@@ -56,6 +57,12 @@ pub(super) struct RawAppAuth {
     pub(super) header: Option<String>,
     pub(super) token_env: Option<String>,
     pub(super) token_file: Option<String>,
+}
+
+/// `[dev]`.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawDev {
+    pub(super) echo: Option<String>,
 }
 
 /// One `[[route]]`.

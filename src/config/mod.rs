@@ -75,6 +75,9 @@ pub struct Config {
     pub app_auth: Option<AppAuth>,
     /// Runtime worker threads; `None`: one per CPU.
     pub worker_threads: Option<usize>,
+    /// `[dev] echo`: where the proxy process also runs the development echo API
+    /// ([`crate::dev`]), for trying keyproxy without a network.
+    pub dev_echo: Option<SocketAddr>,
 }
 
 /// The app-side token: when set, every app request must carry it in `header`.

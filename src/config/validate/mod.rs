@@ -2,7 +2,8 @@
 //! function that reports to the shared [`Problems`] and returns the typed value (or a stand-in,
 //! so that checking goes on and every problem is reported at once).
 //!
-//! - `global`: listeners, drain and connect timeouts, connection and thread limits, CA bundle.
+//! - `global`: listeners, drain and connect timeouts, connection and thread limits, CA bundle,
+//!   the development echo API.
 //! - `source`: `[source]` and `[aws]`.
 //! - `app_auth`: the app-side token.
 //! - `route`: each `[[route]]` and the list as a whole (names, prefixes and hosts unique).
@@ -94,6 +95,9 @@ pub(super) fn validate(
     let app_auth = raw
         .app_auth
         .and_then(|a| app_auth::app_auth(a, base, env, &g, p));
+    let dev_echo = raw.dev.and_then(|d| {
+        global::dev_echo(d.echo.as_deref(), (listen, admin_listen), g("dev.echo"), p)
+    });
     let routes = route::routes(raw.routes.unwrap_or_default(), namer, p);
     let config = Config {
         origin: origin.to_owned(),
@@ -108,6 +112,7 @@ pub(super) fn validate(
         access_log: raw.access_log.unwrap_or(defaults::ACCESS_LOG),
         app_auth,
         worker_threads,
+        dev_echo,
     };
     problems.into_result(origin, config)
 }
