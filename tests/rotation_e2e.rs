@@ -966,3 +966,31 @@ async fn keyproxy_rotate_takes_aws_settings_from_the_config_file() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_rotation_demo_runs_with_no_failed_request() {
+    // scripts/rotation-demo installs moto and builds keyproxy, then runs this script.
+    let python = std::env::var("HTTPBIN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let moto = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+    let out = std::process::Command::new(&python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rotation_demo.py"))
+        .args(["--keyproxy", env!("CARGO_BIN_EXE_keyproxy"), "--moto", &moto])
+        .env_remove("KEYPROXY_CONFIG")
+        .env_remove("KEYPROXY_LOG")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python} (run scripts/test): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for step in [
+        "createSecret: key #2",
+        "labelled AWSPENDING",
+        "testSecret:   the AWSPENDING key answered 200",
+        "finishSecret: AWSCURRENT moved",
+        "a moto quirk",
+        "reason: 401) and replayed",
+        " requests through keyproxy, 0 failed",
+    ] {
+        assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
+    }
+}
