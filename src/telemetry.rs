@@ -214,48 +214,49 @@ where
         let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         let mut timestamp = String::new();
         SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
-        let mut line = JsonObject(String::with_capacity(256));
-        line.entry("timestamp", &timestamp.into());
-        line.entry("level", &meta.level().as_str().into());
+        let mut line = JsonObject(Vec::with_capacity(256));
+        line.entry("timestamp", &timestamp);
+        line.entry("level", meta.level().as_str());
         event.record(&mut line);
-        line.entry("target", &meta.target().into());
-        line.0.push('}');
-        writeln!(writer, "{}", line.0)
+        line.entry("target", meta.target());
+        line.0.push(b'}');
+        writeln!(writer, "{}", String::from_utf8_lossy(&line.0))
     }
 }
 
 /// A JSON object being written: `{` and the entries so far.
-struct JsonObject(String);
+struct JsonObject(Vec<u8>);
 
 impl JsonObject {
-    fn entry(&mut self, key: &str, value: &serde_json::Value) {
-        self.0.push(if self.0.is_empty() { '{' } else { ',' });
-        self.0.push_str(&serde_json::Value::from(key).to_string());
-        self.0.push(':');
-        self.0.push_str(&value.to_string());
+    fn entry<T: serde::Serialize + ?Sized>(&mut self, key: &str, value: &T) {
+        self.0.push(if self.0.is_empty() { b'{' } else { b',' });
+        // Writing a string or a number into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.0, key);
+        self.0.push(b':');
+        let _ = serde_json::to_writer(&mut self.0, value);
     }
 }
 
 impl Visit for JsonObject {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.entry(field.name(), &rounded(field, value).into());
+        self.entry(field.name(), &rounded(field, value));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.entry(field.name(), &value.into());
+        self.entry(field.name(), &value);
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.entry(field.name(), &value.into());
+        self.entry(field.name(), &value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.entry(field.name(), &value.into());
+        self.entry(field.name(), &value);
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.entry(field.name(), &value.into());
+        self.entry(field.name(), value);
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         // Bridged `log` records carry their metadata as `log.*` fields; it is in the line already.
         if !field.name().starts_with("log.") {
-            self.entry(field.name(), &format!("{value:?}").into());
+            self.entry(field.name(), &format!("{value:?}"));
         }
     }
 }

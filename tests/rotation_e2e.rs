@@ -973,8 +973,16 @@ fn the_rotation_demo_runs_with_no_failed_request() {
     let python = std::env::var("HTTPBIN_PYTHON").unwrap_or_else(|_| "python3".into());
     let moto = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
     let out = std::process::Command::new(&python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rotation_demo.py"))
-        .args(["--keyproxy", env!("CARGO_BIN_EXE_keyproxy"), "--moto", &moto])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/rotation_demo.py"
+        ))
+        .args([
+            "--keyproxy",
+            env!("CARGO_BIN_EXE_keyproxy"),
+            "--moto",
+            &moto,
+        ])
         .env_remove("KEYPROXY_CONFIG")
         .env_remove("KEYPROXY_LOG")
         .output()
