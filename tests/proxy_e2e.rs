@@ -371,18 +371,7 @@ async fn secrets_manager_down_at_start_then_ready_when_it_returns() {
     let up = Upstream::echo().await;
     let fake = Moto::not_running(port);
     let kp = KeyProxy::start(&route("api", "/api", &up.url(), "api", ""), &aws_env(&fake));
-    // Wait for the first failed attempt to be reported.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        let r = http::get(&format!("http://{}/readyz", kp.admin))
-            .await
-            .expect("readyz");
-        assert_eq!(r.status, 503);
-        if !r.json()["secrets"][0]["error"].is_null() || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let r = first_failure(&kp).await;
     assert_eq!(
         r.json()["secrets"][0]["error_kind"],
         "unreachable",
@@ -411,6 +400,21 @@ async fn secrets_manager_down_at_start_then_ready_when_it_returns() {
     assert_eq!(up.seen()[0].header("authorization"), Some("Bearer key-1"));
 }
 
+/// `/readyz` (503) once it reports the first failed fetch, or after 10 s.
+async fn first_failure(kp: &KeyProxy) -> http::Resp {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http::get(&format!("http://{}/readyz", kp.admin))
+            .await
+            .expect("readyz");
+        assert_eq!(r.status, 503);
+        if !r.json()["secrets"][0]["error"].is_null() || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `[aws]` pointing at `moto`, and one route `/api` to `up` with secret `api`.
 fn moto_config(moto: &Moto, up: &Upstream) -> String {
     format!(
@@ -427,17 +431,7 @@ async fn missing_aws_credentials_are_their_own_kind_saying_what_to_set() {
     let up = Upstream::echo().await;
     let home = scratch("no-credentials");
     let kp = KeyProxy::start_isolated(&moto_config(&moto, &up), &no_credentials_env(&home));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        let r = http::get(&format!("http://{}/readyz", kp.admin))
-            .await
-            .expect("readyz");
-        assert_eq!(r.status, 503);
-        if !r.json()["secrets"][0]["error"].is_null() || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let r = first_failure(&kp).await;
     let s = &r.json()["secrets"][0];
     assert_eq!(s["error_kind"], "no_credentials", "{s}");
     let error = s["error"].as_str().expect("error");

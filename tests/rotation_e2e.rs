@@ -797,15 +797,21 @@ async fn lambda_handler_runs_the_four_steps_secrets_manager_sends() {
     );
 }
 
+/// `keyproxy rotate ARGS` against `moto`, configured by the environment.
 async fn run_cli(moto: &Moto, args: &[&str]) -> std::process::Output {
+    let mut env = aws_env(moto);
+    env.push(("KEYPROXY_ROTATION_TIMEOUT".into(), "5s".into()));
+    run_isolated(args, &env).await
+}
+
+/// `keyproxy rotate ARGS` with nothing of the test's environment but `PATH` and `env`.
+async fn run_isolated(args: &[&str], env: &[(String, String)]) -> std::process::Output {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyproxy"))
         .arg("rotate")
         .args(args)
-        .env_remove("KEYPROXY_CONFIG")
-        .env_remove("KEYPROXY_LOG")
-        .env_remove("RUST_LOG")
-        .envs(aws_env(moto))
-        .env("KEYPROXY_ROTATION_TIMEOUT", "5s")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true)
         .output();
     tokio::time::timeout(Duration::from_secs(60), out)
@@ -881,22 +887,6 @@ async fn keyproxy_rotate_rotates_and_prints_the_new_version_id() {
     assert!(out.stdout.is_empty());
     assert_eq!(read(&fx.sm, SECRET, "AWSCURRENT").await.0, token);
     assert_clean(&fx, &stderr);
-}
-
-/// `keyproxy rotate ARGS` with nothing of the test's environment but `PATH` and `env`.
-async fn run_isolated(args: &[&str], env: &[(String, String)]) -> std::process::Output {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyproxy"))
-        .arg("rotate")
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .expect("keyproxy rotate finished in time")
-        .expect("spawn keyproxy rotate")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
