@@ -266,6 +266,8 @@ pub fn no_credentials_env(dir: &std::path::Path) -> Vec<(String, String)> {
 pub struct KeyProxy {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Signalled when its stderr ends (every log line read).
+    logs_end: std::sync::mpsc::Receiver<()>,
     /// App listener.
     pub addr: SocketAddr,
     /// Admin listener.
@@ -336,6 +338,7 @@ impl KeyProxy {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<(String, SocketAddr)>();
         let sink = logs.clone();
+        let (end_tx, logs_end) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
@@ -348,6 +351,7 @@ impl KeyProxy {
                 }
                 sink.lock().expect("logs").push(line);
             }
+            let _ = end_tx.send(());
         });
         let mut addr = None;
         let mut admin = None;
@@ -369,6 +373,7 @@ impl KeyProxy {
         KeyProxy {
             child,
             logs,
+            logs_end,
             addr: addr.expect("addr"),
             admin: admin.expect("admin"),
             dir,
@@ -479,11 +484,12 @@ impl KeyProxy {
         self.wait_exit(within)
     }
 
-    /// Waits for the process to exit (up to `within`).
+    /// Waits for the process to exit (up to `within`), and for its last log lines to be read.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
+                let _ = self.logs_end.recv_timeout(Duration::from_secs(5));
                 return Some(s);
             }
             if Instant::now() > deadline {
