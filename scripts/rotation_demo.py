@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,7 @@ def main():
     finally:
         for p in reversed(procs):
             p.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args, work, procs):
