@@ -26,8 +26,10 @@ pub enum ProxyError {
     /// The request cannot be forwarded as sent.
     #[error("{0}")]
     BadRequest(String),
-    /// `CONNECT`: keyproxy cannot inject a key into an end-to-end tunnel.
-    #[error("CONNECT is not supported: keyproxy cannot add a key inside a TLS tunnel; send plain http:// requests to keyproxy and it uses HTTPS upstream")]
+    /// `CONNECT`: keyproxy cannot inject a key into an end-to-end tunnel. The message says how
+    /// to set up the app's proxy variables instead (a client sends `CONNECT` for `https://` URLs
+    /// when `HTTPS_PROXY` points at keyproxy).
+    #[error("CONNECT is not supported: keyproxy cannot add a key inside a TLS tunnel. Call the API as http://HOST/... with HTTP_PROXY (not HTTPS_PROXY) pointing at keyproxy, which connects to the API over HTTPS, and list every host that is not an API behind keyproxy in NO_PROXY")]
     Connect,
     /// The app-side token is missing or wrong.
     #[error("missing or wrong app token in header {0}")]
@@ -169,6 +171,13 @@ mod tests {
         assert_eq!(ProxyError::Timeout("30s".into()).status(), 504);
         assert_eq!(ProxyError::NoKey("x".into()).status(), 503);
         assert_eq!(ProxyError::Connect.status(), 405);
+        let m = ProxyError::Connect.to_string();
+        assert!(
+            m.contains("http://HOST/")
+                && m.contains("HTTP_PROXY (not HTTPS_PROXY)")
+                && m.contains("NO_PROXY"),
+            "{m}"
+        );
         let raw = String::from_utf8(ProxyError::Overloaded.raw_http1()).expect("utf8");
         assert!(raw.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
     }

@@ -35,6 +35,8 @@
 //! - [`telemetry`]: log setup (text or JSON; third-party crates capped so no wire data is logged).
 //! - [`rotation`]: the rotation function (createSecret, setSecret, testSecret, finishSecret) run
 //!   by the `keyproxy-rotation` Lambda binary and by `keyproxy rotate`.
+//! - [`dev`]: the development echo API (`keyproxy echo`, `[dev] echo`): a local upstream that
+//!   shows what arrived, keys fingerprinted; optionally issues its own keys, for trying rotation.
 
 pub mod admin;
 pub mod admin_client;
@@ -42,6 +44,7 @@ pub mod backoff;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod dev;
 pub mod drain;
 pub mod error;
 pub mod forward;

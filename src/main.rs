@@ -1,13 +1,17 @@
-//! The `keyproxy` binary: parse arguments, set up logs, load the config, run.
+//! The `keyproxy` binary: parse arguments, set up logs, load the config, run (or check it, probe
+//! the admin endpoint, rotate a secret, or serve the development echo API).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use keyproxy::config::{Config, DEFAULT_ADMIN_LISTEN};
+use keyproxy::dev::{DevApi, Issuer};
+use keyproxy::rotation::{self, RotateOptions};
+use keyproxy::secrets::Secret;
 use keyproxy::telemetry::{self, LogFormat};
 
 /// EX_USAGE: the configuration is invalid.
@@ -15,32 +19,65 @@ const EXIT_CONFIG: u8 = 64;
 
 /// A sidecar reverse proxy that injects API keys from AWS Secrets Manager.
 #[derive(Debug, Parser)]
-#[command(name = "keyproxy", version, about)]
+#[command(
+    name = "keyproxy",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
-    /// Config file (TOML). Without one, a single route comes from KEYPROXY_* variables.
-    #[arg(long, short, env = "KEYPROXY_CONFIG", global = true)]
-    config: Option<PathBuf>,
-    /// Log format: text or json.
-    #[arg(
-        long,
-        env = "KEYPROXY_LOG_FORMAT",
-        default_value = "text",
-        global = true
-    )]
-    log_format: LogFormat,
-    /// Log filter, e.g. info, debug, keyproxy=trace (else RUST_LOG, else info).
-    #[arg(long, env = "KEYPROXY_LOG", global = true)]
-    log: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// What running the proxy takes (also the arguments of `keyproxy` alone).
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Config file (TOML). Without one, a single route comes from KEYPROXY_* variables.
+    #[arg(long, short, env = "KEYPROXY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// Where log lines go and which.
+#[derive(Debug, Args)]
+struct LogArgs {
+    /// Log format: text or json.
+    #[arg(long, env = "KEYPROXY_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter, e.g. info, debug, keyproxy=trace (else RUST_LOG, else info).
+    #[arg(long, env = "KEYPROXY_LOG")]
+    log: Option<String>,
+}
+
+impl LogArgs {
+    /// Sets up logging on stderr; exit 64 (naming `who`) for a filter that does not parse.
+    fn init(&self, who: &str) -> Result<(), ExitCode> {
+        let spec = self
+            .log
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".into());
+        telemetry::init(&spec, self.log_format).map_err(|e| {
+            eprintln!("{who}: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the proxy (the default).
-    Run,
+    Run(RunArgs),
     /// Validate the configuration: exit 0, or print every problem and exit 64.
-    Check,
+    Check {
+        /// Config file to check (TOML). Without one, the KEYPROXY_* variables are checked.
+        #[arg(long, short, env = "KEYPROXY_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Check the local admin endpoint (container health check): exit 0 if healthy, else 1.
     Health {
         /// Check /readyz (every route has a key) instead of /healthz.
@@ -49,6 +86,10 @@ enum Command {
         /// Admin address (else KEYPROXY_ADMIN_LISTEN, the config's admin_listen, or the default).
         #[arg(long)]
         admin: Option<SocketAddr>,
+        /// Config file whose admin_listen to check, when neither --admin nor
+        /// KEYPROXY_ADMIN_LISTEN is given.
+        #[arg(long, short, env = "KEYPROXY_CONFIG")]
+        config: Option<PathBuf>,
         /// Time allowed for the answer.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -66,161 +107,262 @@ enum Command {
         /// Rotate even if rotation is not enabled for the secret (no schedule needed on demand).
         #[arg(long)]
         skip_rotation_enabled_check: bool,
+        /// Config file whose [aws] section (region, endpoint_url, timeouts, attempts) and
+        /// ca_bundle to use; the rest of the file is not read. Without one, the AWS SDK's
+        /// defaults (AWS_REGION, AWS_ENDPOINT_URL_SECRETS_MANAGER, ...).
+        #[arg(long, short, env = "KEYPROXY_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        log: LogArgs,
+    },
+    /// Run the development echo API: a local upstream that answers every request with what
+    /// arrived, keys shown as fingerprints. See the Quickstart in README.md.
+    Echo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+        /// Also issue keys to this client at POST /oauth/token, and require a live key
+        /// (Authorization: Bearer) on every other request: an API to rotate keys against.
+        #[arg(long, requires = "client_secret")]
+        client_id: Option<String>,
+        /// The client secret that goes with --client-id (development only).
+        #[arg(long, requires = "client_id")]
+        client_secret: Option<String>,
+        /// How long an older key keeps working once a newer one is issued.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        #[command(flatten)]
+        log: LogArgs,
     },
 }
 
-fn load(cli: &Cli) -> Result<Config, ExitCode> {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { config }) => check(config.as_deref()),
+        Some(Command::Health {
+            ready,
+            admin,
+            config,
+            timeout,
+        }) => health(ready, admin, config.as_deref(), timeout),
+        Some(Command::Rotate {
+            secret_id,
+            token,
+            skip_rotation_enabled_check,
+            config,
+            log,
+        }) => rotate(
+            &secret_id,
+            RotateOptions {
+                token,
+                require_rotation_enabled: !skip_rotation_enabled_check,
+            },
+            config.as_deref(),
+            &log,
+        ),
+        Some(Command::Echo {
+            listen,
+            client_id,
+            client_secret,
+            grace,
+            log,
+        }) => {
+            let issuer = client_id
+                .zip(client_secret)
+                .map(|(client_id, secret)| Issuer {
+                    client_id,
+                    client_secret: Secret::new(secret),
+                    grace,
+                });
+            echo(listen, issuer, &log)
+        }
+        Some(Command::Run(run)) => serve(&run),
+        None => serve(&cli.run),
+    }
+}
+
+/// The validated configuration from `config` (else the environment); exit 64 if invalid.
+fn load(config: Option<&Path>) -> Result<Config, ExitCode> {
     let env: HashMap<String, String> = std::env::vars().collect();
-    Config::load(cli.config.as_deref(), &env).map_err(|e| {
+    Config::load(config, &env).map_err(|e| {
         eprintln!("keyproxy: {e}");
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match &cli.command {
-        Some(Command::Check) => match load(&cli) {
-            Ok(c) => {
-                println!(
-                    "{}: configuration is valid ({} route{})",
-                    c.origin,
-                    c.routes.len(),
-                    if c.routes.len() == 1 { "" } else { "s" }
-                );
-                for r in &c.routes {
-                    println!(
-                        "  route {:?}: {}{} -> {} (secret {:?} {}, {})",
-                        r.name,
-                        r.path_prefix
-                            .as_deref()
-                            .map(|p| format!("path {p}"))
-                            .unwrap_or_default(),
-                        r.host
-                            .as_deref()
-                            .map(|h| format!(" host {h}"))
-                            .unwrap_or_default(),
-                        r.upstream,
-                        r.secret_id,
-                        r.version_stage,
-                        r.injection.describe()
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Some(Command::Health {
-            ready,
-            admin,
-            timeout,
-        }) => {
-            let addr = admin
-                .or_else(|| {
-                    std::env::var("KEYPROXY_ADMIN_LISTEN")
-                        .ok()
-                        .and_then(|a| a.parse().ok())
-                })
-                .or_else(|| {
-                    let env = HashMap::new();
-                    cli.config
-                        .as_deref()
-                        .and_then(|p| Config::from_file(p, &env).ok())
-                        .map(|c| c.admin_listen)
-                })
-                .or_else(|| DEFAULT_ADMIN_LISTEN.parse().ok());
-            let Some(addr) = addr else {
-                eprintln!("keyproxy health: no admin address");
-                return ExitCode::FAILURE;
-            };
-            let path = if *ready { "/readyz" } else { "/healthz" };
-            match runtime(Some(1)).and_then(|rt| {
-                rt.block_on(keyproxy::admin_client::get(addr, path, *timeout))
-                    .map_err(|e| e.to_string())
-            }) {
-                Ok((200, _)) => ExitCode::SUCCESS,
-                Ok((status, body)) => {
-                    eprintln!("keyproxy health: {path} answered {status}: {}", body.trim());
-                    ExitCode::FAILURE
-                }
-                Err(e) => {
-                    eprintln!("keyproxy health: {path}: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+/// `keyproxy check`: the routes of a valid configuration, or every problem.
+fn check(config: Option<&Path>) -> ExitCode {
+    let c = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let n = c.routes.len();
+    let s = if n == 1 { "" } else { "s" };
+    println!("{}: configuration is valid ({n} route{s})", c.origin);
+    for r in &c.routes {
+        println!(
+            "  route {:?}: {}{} -> {} (secret {:?} {}, {})",
+            r.name,
+            r.path_prefix
+                .as_deref()
+                .map(|p| format!("path {p}"))
+                .unwrap_or_default(),
+            r.host
+                .as_deref()
+                .map(|h| format!(" host {h}"))
+                .unwrap_or_default(),
+            r.upstream,
+            r.secret_id,
+            r.version_stage,
+            r.injection.describe()
+        );
+    }
+    if let Some(addr) = c.dev_echo {
+        println!("  development echo API on {addr}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// `keyproxy health`: GET `/healthz` (or `/readyz`) on the admin address.
+fn health(
+    ready: bool,
+    admin: Option<SocketAddr>,
+    config: Option<&Path>,
+    timeout: Duration,
+) -> ExitCode {
+    let addr = admin
+        .or_else(|| {
+            std::env::var("KEYPROXY_ADMIN_LISTEN")
+                .ok()
+                .and_then(|a| a.parse().ok())
+        })
+        .or_else(|| {
+            config
+                .and_then(|p| Config::from_file(p, &HashMap::new()).ok())
+                .map(|c| c.admin_listen)
+        })
+        .or_else(|| DEFAULT_ADMIN_LISTEN.parse().ok());
+    let Some(addr) = addr else {
+        eprintln!("keyproxy health: no admin address");
+        return ExitCode::FAILURE;
+    };
+    let path = if ready { "/readyz" } else { "/healthz" };
+    match runtime(Some(1)).and_then(|rt| {
+        rt.block_on(keyproxy::admin_client::get(addr, path, timeout))
+            .map_err(|e| e.to_string())
+    }) {
+        Ok((200, _)) => ExitCode::SUCCESS,
+        Ok((status, body)) => {
+            eprintln!("keyproxy health: {path} answered {status}: {}", body.trim());
+            ExitCode::FAILURE
         }
-        Some(Command::Rotate {
-            secret_id,
-            token,
-            skip_rotation_enabled_check,
-        }) => {
-            let spec = cli.log.clone().unwrap_or_else(|| "info".into());
-            if let Err(e) = telemetry::init(&spec, cli.log_format) {
-                eprintln!("keyproxy rotate: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            let env: HashMap<String, String> = std::env::vars().collect();
-            let settings = match keyproxy::rotation::Settings::from_env(&env) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("keyproxy rotate: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            let options = keyproxy::rotation::RotateOptions {
-                token: token.clone(),
-                require_rotation_enabled: !skip_rotation_enabled_check,
-            };
-            let result = runtime(None).and_then(|rt| {
-                rt.block_on(async {
-                    let rotator = keyproxy::rotation::Rotator::from_settings(&settings).await?;
-                    keyproxy::rotation::rotate_now(&rotator, secret_id, &options).await
-                })
-                .map_err(|e| e.to_string())
-            });
-            match result {
-                Ok(rotated) => {
-                    println!("{}", rotated.version_id);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("keyproxy rotate: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        Err(e) => {
+            eprintln!("keyproxy health: {path}: {e}");
+            ExitCode::FAILURE
         }
-        Some(Command::Run) | None => {
-            let spec = cli
-                .log
-                .clone()
-                .or_else(|| std::env::var("RUST_LOG").ok())
-                .unwrap_or_else(|| "info".into());
-            if let Err(e) = telemetry::init(&spec, cli.log_format) {
-                eprintln!("keyproxy: {e}");
-                return ExitCode::from(EXIT_CONFIG);
+    }
+}
+
+/// `keyproxy rotate`: the four steps now; the new version id on stdout.
+fn rotate(
+    secret_id: &str,
+    options: RotateOptions,
+    config: Option<&Path>,
+    log: &LogArgs,
+) -> ExitCode {
+    if let Err(code) = log.init("keyproxy rotate") {
+        return code;
+    }
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let settings = match rotation::Settings::load(config, &env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keyproxy rotate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let result = runtime(None).and_then(|rt| {
+        rt.block_on(async {
+            let rotator = rotation::Rotator::from_settings(&settings).await?;
+            rotation::rotate_now(&rotator, secret_id, &options).await
+        })
+        .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(rotated) => {
+            println!("{}", rotated.version_id);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keyproxy rotate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `keyproxy echo`: the development echo API until SIGTERM or SIGINT.
+fn echo(listen: SocketAddr, issuer: Option<Issuer>, log: &LogArgs) -> ExitCode {
+    if let Err(code) = log.init("keyproxy echo") {
+        return code;
+    }
+    let result = runtime(Some(1)).and_then(|rt| {
+        rt.block_on(async {
+            let api = DevApi::bind(listen, issuer)
+                .await
+                .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            tokio::select! {
+                () = api.serve() => {}
+                () = keyproxy::shutdown_signal() => {}
             }
-            let config = match load(&cli) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let rt = match runtime(config.worker_threads) {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("keyproxy: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(keyproxy::run(config, keyproxy::shutdown_signal())) {
-                Ok(()) => {
-                    tracing::info!("stopped");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "keyproxy cannot run");
-                    eprintln!("keyproxy: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyproxy echo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the proxy (and the development echo API, if `[dev] echo` asks) until SIGTERM or SIGINT.
+fn serve(run: &RunArgs) -> ExitCode {
+    if let Err(code) = run.log.init("keyproxy") {
+        return code;
+    }
+    let config = match load(run.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match runtime(config.worker_threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        if let Some(addr) = config.dev_echo {
+            let api = DevApi::bind(addr, None)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} ([dev] echo): {e}"))?;
+            tokio::spawn(api.serve());
+        }
+        keyproxy::run(config, keyproxy::shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "keyproxy cannot run");
+            eprintln!("keyproxy: {e}");
+            ExitCode::FAILURE
         }
     }
 }

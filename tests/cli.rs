@@ -1,4 +1,5 @@
-//! The command line: `check`, config errors (exit 64 naming the key), `health`.
+//! The command line: `check`, config errors (exit 64 naming the key), `health`, each
+//! subcommand's help, plain logs when stderr is not a terminal.
 
 mod common;
 
@@ -30,7 +31,11 @@ const ROUTE: &str = "[[route]]\nname = \"a\"\npath_prefix = \"/a\"\nupstream = \
 
 #[test]
 fn check_accepts_the_shipped_configs() {
-    for file in ["config/local.toml", "config/example.toml"] {
+    for file in [
+        "config/local.toml",
+        "config/internet.toml",
+        "config/example.toml",
+    ] {
         let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
         let (code, out, err) = keyproxy(&["check", "--config", &path], None, &[]);
         assert_eq!(code, 0, "{file}: {out}{err}");
@@ -67,17 +72,23 @@ fn each_config_error_exits_64_naming_the_key() {
         }
     }
     let route_cases: &[(&str, &str)] = &[
-        ("header = \"bad header\"", "route[0].header"),
-        ("value = \"no placeholder\"", "route[0].value"),
-        ("refresh_interval = \"0s\"", "route[0].refresh_interval"),
-        ("max_replay_body = \"lots\"", "route[0].max_replay_body"),
-        ("retry_on_401 = \"yes\"", "(syntax)"),
-        ("timeout = \"-1s\"", "route[0].timeout"),
-        ("version_stage = \"\"", "route[0].version_stage"),
-        ("secret_feild = \"token\"", "route[0].secret_feild"),
+        ("header = \"bad header\"", "route \"a\" (#1) header"),
+        ("value = \"no placeholder\"", "route \"a\" (#1) value"),
+        (
+            "refresh_interval = \"0s\"",
+            "route \"a\" (#1) refresh_interval",
+        ),
+        (
+            "max_replay_body = \"lots\"",
+            "route \"a\" (#1) max_replay_body",
+        ),
+        ("retry_on_401 = \"yes\"", "route \"a\" (#1) retry_on_401"),
+        ("timeout = \"-1s\"", "route \"a\" (#1) timeout"),
+        ("version_stage = \"\"", "route \"a\" (#1) version_stage"),
+        ("secret_feild = \"token\"", "route \"a\" (#1) secret_feild"),
         (
             "query_param = \"k\"\nheader = \"X\"",
-            "route[0].query_param",
+            "route \"a\" (#1) query_param",
         ),
     ];
     for (extra, key) in route_cases {
@@ -94,7 +105,10 @@ fn each_config_error_exits_64_naming_the_key() {
         &[],
     );
     assert_eq!(code, 64);
-    assert!(err.contains("route[0].upstream:"), "{err}");
+    assert!(
+        err.contains("k.toml:4: route \"a\" (#1) upstream:"),
+        "{err}"
+    );
     // Every problem at once, with the file named.
     let (code, _, err) = keyproxy(
         &["check"],
@@ -106,6 +120,47 @@ fn each_config_error_exits_64_naming_the_key() {
         err.contains("2 problems") && err.contains("k.toml"),
         "{err}"
     );
+}
+
+#[test]
+fn check_reports_every_problem_in_one_pass_with_route_names_and_lines() {
+    let text = r#"listen = "127.0.0.1:8080"
+[source]
+type = "file"
+path = "no-such-secrets.json"
+
+[[route]]
+name = "payments"
+path_prefix = "/payments"
+upstream = "https://api.example.com"
+secret_id = "prod/payments"
+retry_on_401 = "yes"
+
+[[route]]
+name = "payments"
+path_prefix = "/payments"
+upstream = "ftp://api.example.com"
+secret_id = "prod/other"
+"#;
+    let (code, out, err) = keyproxy(&["check"], Some(text), &[]);
+    assert_eq!(code, 64, "{out}{err}");
+    let problems: Vec<&str> = err.lines().skip(1).map(str::trim).collect();
+    let expected = [
+        "k.toml:4: source.path: cannot read ",
+        "k.toml:11: route \"payments\" (#1) retry_on_401: invalid type: string \"yes\", expected a boolean",
+        "k.toml:14: route \"payments\" (#2) name: \"payments\" is already the name of route #1",
+        "k.toml:15: route \"payments\" (#2) path_prefix: \"/payments\" is already the path_prefix of route #1",
+        "k.toml:16: route \"payments\" (#2) upstream: \"ftp://api.example.com\": scheme \"ftp\" is not http or https",
+    ];
+    assert_eq!(problems.len(), expected.len(), "{err}");
+    for (p, e) in problems.iter().zip(expected) {
+        assert!(p.contains(e), "expected {e:?} in {p:?}:\n{err}");
+    }
+    assert!(
+        err.starts_with("keyproxy: invalid configuration ("),
+        "{err}"
+    );
+    assert!(err.contains("5 problems"), "{err}");
 }
 
 #[test]
@@ -139,6 +194,62 @@ fn health_fails_when_nothing_listens() {
     );
     assert_eq!(code, 1);
     assert!(err.contains("/healthz"), "{err}");
+}
+
+#[test]
+fn each_subcommand_help_shows_only_what_applies_to_it() {
+    let help = |cmd: &str| {
+        let (code, out, err) = keyproxy(&[cmd, "--help"], None, &[]);
+        assert_eq!(code, 0, "{cmd}: {err}");
+        out
+    };
+    let run_config = "a single route comes from KEYPROXY_* variables";
+    let check = help("check");
+    assert!(check.contains("Config file to check"), "{check}");
+    assert!(
+        !check.contains(run_config) && !check.contains("--log"),
+        "{check}"
+    );
+    let health = help("health");
+    assert!(health.contains("whose admin_listen to check"), "{health}");
+    assert!(
+        !health.contains(run_config) && !health.contains("--log"),
+        "{health}"
+    );
+    let rotate = help("rotate");
+    assert!(rotate.contains("whose [aws] section"), "{rotate}");
+    assert!(rotate.contains("--log-format"), "{rotate}");
+    assert!(!rotate.contains(run_config), "{rotate}");
+    for run in [help("run"), keyproxy(&["--help"], None, &[]).1] {
+        assert!(
+            run.contains(run_config) && run.contains("--log-format"),
+            "{run}"
+        );
+    }
+    // A subcommand's options go after it.
+    let (code, _, err) = keyproxy(&["--config", "k.toml", "check"], None, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with '--config"), "{err}");
+}
+
+#[test]
+fn logs_are_plain_text_when_stderr_is_not_a_terminal() {
+    // The app port is taken: keyproxy logs the failure and exits.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = scratch("plain-logs");
+    std::fs::write(dir.join("s.json"), r#"{"s": "k"}"#).expect("write");
+    let config = format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n[source]\ntype = \"file\"\npath = \"{}\"\n{ROUTE}",
+        dir.join("s.json").display()
+    );
+    let (code, _, err) = keyproxy(&[], Some(&config), &[("TERM", "xterm-256color")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("keyproxy cannot run"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a non-terminal stderr: {err:?}"
+    );
 }
 
 /// The TOML inside a ConfigMap's `config.toml` key.

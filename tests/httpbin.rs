@@ -2,54 +2,25 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use http_body_util::BodyExt;
 
-/// httpbin on 127.0.0.1, killed on drop.
-struct Httpbin {
-    child: Child,
-    port: u16,
-}
+/// httpbin on 127.0.0.1, on a port it bound itself; killed on drop.
+struct Httpbin(Served);
 
 impl Httpbin {
     fn start() -> Httpbin {
         let python = std::env::var("HTTPBIN_PYTHON").unwrap_or_else(|_| "python3".into());
-        let port = free_port();
-        let child = Command::new(&python)
-            .args([
-                "-m",
-                "httpbin.core",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start httpbin with {python} (run scripts/test): {e}")
-            });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "httpbin did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Httpbin { child, port }
+        let mut cmd = Command::new(&python);
+        cmd.args(["-m", "httpbin.core", "--host", "127.0.0.1", "--port", "0"]);
+        Httpbin(Served::start(cmd, &format!("httpbin ({python})"), 0))
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Httpbin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        format!("http://127.0.0.1:{}", self.0.port)
     }
 }
 
@@ -79,7 +50,7 @@ async fn httpbin_sees_the_key_in_header_and_query_and_streams_flow() {
     .expect("headers");
     let h = &r.json()["headers"];
     assert_eq!(h["Authorization"], "Bearer httpbin-key-7");
-    assert_eq!(h["Host"], format!("127.0.0.1:{}", hb.port));
+    assert_eq!(h["Host"], format!("127.0.0.1:{}", hb.0.port));
 
     // /get with a query key: the app's own api_key is replaced.
     let r = http::get(&kp.url("/hq/get?x=1&api_key=app-own"))

@@ -21,6 +21,19 @@ async fn slow_upstream(delay: Duration) -> Upstream {
     .await
 }
 
+/// Waits until `up` has a request (in flight through keyproxy), not a fixed time: on a loaded
+/// machine the request may take longer than any sleep to get there.
+async fn wait_seen(up: &Upstream) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.seen().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_then_exits_0() {
     let moto = Moto::start();
@@ -34,7 +47,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
 
     let url = kp.url("/api/slow");
     let in_flight = tokio::spawn(async move { http::get(&url).await });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_seen(&up).await;
     kp.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -70,7 +83,7 @@ async fn drain_deadline_bounds_shutdown() {
     kp.wait_ready(Duration::from_secs(20)).await;
     let url = kp.url("/api/stuck");
     let stuck = tokio::spawn(async move { http::get(&url).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_seen(&up).await;
     let start = Instant::now();
     let status = kp.terminate(Duration::from_secs(10)).expect("exited");
     assert_eq!(status.code(), Some(0));

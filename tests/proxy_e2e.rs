@@ -371,18 +371,7 @@ async fn secrets_manager_down_at_start_then_ready_when_it_returns() {
     let up = Upstream::echo().await;
     let fake = Moto::not_running(port);
     let kp = KeyProxy::start(&route("api", "/api", &up.url(), "api", ""), &aws_env(&fake));
-    // Wait for the first failed attempt to be reported.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        let r = http::get(&format!("http://{}/readyz", kp.admin))
-            .await
-            .expect("readyz");
-        assert_eq!(r.status, 503);
-        if !r.json()["secrets"][0]["error"].is_null() || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let r = first_failure(&kp).await;
     assert_eq!(
         r.json()["secrets"][0]["error_kind"],
         "unreachable",
@@ -409,6 +398,83 @@ async fn secrets_manager_down_at_start_then_ready_when_it_returns() {
     let r = http::get(&kp.url("/api/x")).await.expect("get");
     assert_eq!(r.status, 200);
     assert_eq!(up.seen()[0].header("authorization"), Some("Bearer key-1"));
+}
+
+/// `/readyz` (503) once it reports the first failed fetch, or after 10 s.
+async fn first_failure(kp: &KeyProxy) -> http::Resp {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http::get(&format!("http://{}/readyz", kp.admin))
+            .await
+            .expect("readyz");
+        assert_eq!(r.status, 503);
+        if !r.json()["secrets"][0]["error"].is_null() || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `[aws]` pointing at `moto`, and one route `/api` to `up` with secret `api`.
+fn moto_config(moto: &Moto, up: &Upstream) -> String {
+    format!(
+        "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n{}",
+        moto.url(),
+        route("api", "/api", &up.url(), "api", "")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_aws_credentials_are_their_own_kind_saying_what_to_set() {
+    let moto = Moto::start();
+    create_secret(&moto.client(), "api", "never-fetched-key").await;
+    let up = Upstream::echo().await;
+    let home = scratch("no-credentials");
+    let kp = KeyProxy::start_isolated(&moto_config(&moto, &up), &no_credentials_env(&home));
+    let r = first_failure(&kp).await;
+    let s = &r.json()["secrets"][0];
+    assert_eq!(s["error_kind"], "no_credentials", "{s}");
+    let error = s["error"].as_str().expect("error");
+    assert!(
+        error.starts_with("secret \"api\": no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with a role"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("IMDS") && !error.contains("dispatch"),
+        "{error}"
+    );
+
+    let r = http::get(&kp.url("/api/x")).await.expect("get");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["x-keyproxy-error"], "no_key");
+    assert!(
+        r.text().contains("no AWS credentials found"),
+        "{}",
+        r.text()
+    );
+    assert!(up.seen().is_empty());
+    assert!(
+        kp.counter(
+            "keyproxy_secret_fetches_total",
+            &["result=\"no_credentials\""]
+        )
+        .await
+            >= 1.0
+    );
+    // One warning naming the cause and what to set; no SDK dump at warn level.
+    let warned = kp.log_lines("secret fetch failed; routes using it answer 503 until it succeeds");
+    assert!(
+        warned[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no AWS credentials found: set AWS_ACCESS_KEY_ID")),
+        "{warned:?}"
+    );
+    for line in kp.logs() {
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        if v["level"] == "WARN" || v["level"] == "ERROR" {
+            assert!(!line.contains("IMDS"), "{line}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -797,15 +797,21 @@ async fn lambda_handler_runs_the_four_steps_secrets_manager_sends() {
     );
 }
 
+/// `keyproxy rotate ARGS` against `moto`, configured by the environment.
 async fn run_cli(moto: &Moto, args: &[&str]) -> std::process::Output {
+    let mut env = aws_env(moto);
+    env.push(("KEYPROXY_ROTATION_TIMEOUT".into(), "5s".into()));
+    run_isolated(args, &env).await
+}
+
+/// `keyproxy rotate ARGS` with nothing of the test's environment but `PATH` and `env`.
+async fn run_isolated(args: &[&str], env: &[(String, String)]) -> std::process::Output {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyproxy"))
         .arg("rotate")
         .args(args)
-        .env_remove("KEYPROXY_CONFIG")
-        .env_remove("KEYPROXY_LOG")
-        .env_remove("RUST_LOG")
-        .envs(aws_env(moto))
-        .env("KEYPROXY_ROTATION_TIMEOUT", "5s")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true)
         .output();
     tokio::time::timeout(Duration::from_secs(60), out)
@@ -881,4 +887,108 @@ async fn keyproxy_rotate_rotates_and_prints_the_new_version_id() {
     assert!(out.stdout.is_empty());
     assert_eq!(read(&fx.sm, SECRET, "AWSCURRENT").await.0, token);
     assert_clean(&fx, &stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyproxy_rotate_takes_aws_settings_from_the_config_file() {
+    let fx = setup_with(Revocation::Never, json!({}), false).await;
+    let dir = scratch("rotate-config");
+    // The proxy's own config file: rotate reads its [aws] section and nothing else.
+    let config = dir.join("moto.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n\n[app_auth]\ntoken_env = \"NOT_SET_HERE\"\n\n{}",
+            fx.moto.url(),
+            route("api", "/api", "http://127.0.0.1:9", SECRET, "secret_field = \"token\"")
+        ),
+    )
+    .expect("write config");
+    let config = config.display().to_string();
+    let args = [
+        "--config",
+        &config,
+        "--secret-id",
+        SECRET,
+        "--skip-rotation-enabled-check",
+    ];
+    // Only credentials in the environment: no region, no endpoint.
+    let mut env = no_credentials_env(&dir);
+    env.push(("AWS_ACCESS_KEY_ID".into(), "testing".into()));
+    env.push(("AWS_SECRET_ACCESS_KEY".into(), "testing".into()));
+    let out = run_isolated(&args, &env).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(read(&fx.sm, SECRET, "AWSCURRENT").await.0, version);
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour when stderr is not a terminal: {stderr}"
+    );
+
+    // Without credentials: exit 1, one line saying what to set.
+    let out = run_isolated(&args, &no_credentials_env(&dir)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("keyproxy rotate: rotating secret \"prod/payments/api\", createSecret: ")
+            && last.contains(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("IMDS"), "{stderr}");
+    assert_eq!(read(&fx.sm, SECRET, "AWSCURRENT").await.0, version);
+
+    // An invalid [aws] section: exit 64 naming the key and its line.
+    std::fs::write(
+        dir.join("bad.toml"),
+        "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"::\"\n",
+    )
+    .expect("write");
+    let bad = dir.join("bad.toml").display().to_string();
+    let out = run_isolated(&["--config", &bad, "--secret-id", SECRET], &env).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:3: aws.endpoint_url: \"::\" is not a URL"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_rotation_demo_runs_with_no_failed_request() {
+    // scripts/rotation-demo installs moto and builds keyproxy, then runs this script.
+    let python = std::env::var("HTTPBIN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let moto = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+    let out = std::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/rotation_demo.py"
+        ))
+        .args([
+            "--keyproxy",
+            env!("CARGO_BIN_EXE_keyproxy"),
+            "--moto",
+            &moto,
+        ])
+        .env_remove("KEYPROXY_CONFIG")
+        .env_remove("KEYPROXY_LOG")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python} (run scripts/test): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for step in [
+        "createSecret: key #2",
+        "labelled AWSPENDING",
+        "testSecret:   the AWSPENDING key answered 200",
+        "finishSecret: AWSCURRENT moved",
+        "a moto quirk",
+        "reason: 401) and replayed",
+        " requests through keyproxy, 0 failed",
+    ] {
+        assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
+    }
 }

@@ -28,6 +28,7 @@ pub(super) struct RawFile {
     pub(super) aws: Option<RawAws>,
     pub(super) source: Option<RawSource>,
     pub(super) app_auth: Option<RawAppAuth>,
+    pub(super) dev: Option<RawDev>,
     #[serde(rename = "route")]
     pub(super) routes: Option<Vec<RawRoute>>,
 }
@@ -59,6 +60,12 @@ pub(super) struct RawAppAuth {
     pub(super) token_file: Option<String>,
 }
 
+/// `[dev]`.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawDev {
+    pub(super) echo: Option<String>,
+}
+
 /// One `[[route]]`.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawRoute {
@@ -82,27 +89,171 @@ pub(super) struct RawRoute {
     pub(super) idle_timeout: Option<String>,
 }
 
-/// Parses TOML text into raw settings, with a problem for each unknown key. A syntax error is
-/// the only problem reported: nothing else can be checked.
+/// The most values of the wrong type reported from one file (each costs a parse).
+const MAX_TYPE_ERRORS: usize = 64;
+
+/// Parses TOML text into raw settings, with a problem for each unknown key and each value of the
+/// wrong type (`retry_on_401 = "yes"`): such a value is reported under its key and blanked out
+/// (line numbers kept), and the rest is parsed again, so that every problem shows in one pass.
+/// A syntax error is the only problem reported: nothing else can be checked.
 pub(super) fn parse(text: &str, origin: &str) -> Result<(RawFile, Problems), ConfigError> {
     let mut problems = Problems::default();
-    let mut unknown = Vec::new();
-    let de = toml::Deserializer::new(text);
-    let raw: RawFile =
-        serde_ignored::deserialize(de, |p| unknown.push(p.to_string())).map_err(|e| {
-            ConfigError::single(
-                origin,
-                "(syntax)",
-                e.message().to_string() + &line_of(text, e.span()),
-            )
-        })?;
-    for key in unknown {
-        problems.add(
-            display_path(&key),
-            "unknown key (check its spelling in the configuration reference)",
-        );
+    let mut text = std::borrow::Cow::Borrowed(text);
+    for _ in 0..MAX_TYPE_ERRORS {
+        let mut unknown = Vec::new();
+        let de = toml::Deserializer::new(&text);
+        let e = match serde_ignored::deserialize(de, |p| unknown.push(p.to_string())) {
+            Ok(raw) => {
+                for key in unknown {
+                    problems.add(
+                        display_path(&key),
+                        "unknown key (check its spelling in the configuration reference)",
+                    );
+                }
+                return Ok((raw, problems));
+            }
+            Err(e) => e,
+        };
+        let Some((key, blank)) = e.span().and_then(|s| value_at(&text, s.start)) else {
+            let message = e.message().trim().replace('\n', "; ");
+            let mut error = ConfigError::single(origin, "(syntax)", message);
+            error.problems[0].line = e.span().map(|s| line_at(&text, s.start));
+            error.problems.splice(0..0, problems.0);
+            return Err(error);
+        };
+        problems.add(key, e.message());
+        let mut edited = text.into_owned();
+        let spaces: String = edited[blank.clone()]
+            .chars()
+            .map(|c| if c == '\n' { c } else { ' ' })
+            .collect();
+        edited.replace_range(blank, &spaces);
+        text = std::borrow::Cow::Owned(edited);
     }
-    Ok((raw, problems))
+    Err(ConfigError {
+        origin: origin.to_owned(),
+        problems: problems.0,
+    })
+}
+
+/// The key whose value holds byte `offset` of `text`, and the bytes that blank out that setting
+/// (from the start of its line to the end of its value).
+fn value_at(text: &str, offset: usize) -> Option<(String, std::ops::Range<usize>)> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let mut path = String::new();
+    let (key, value) = find_value(doc.as_table(), offset, &mut path)?;
+    let line_start = text[..key.start].rfind('\n').map_or(0, |i| i + 1);
+    Some((path, line_start..value.end))
+}
+
+/// Walks `table` for the key/value holding `offset`; `path` becomes its key (`route[0].x`).
+/// Returns the spans of the key and of the value.
+fn find_value(
+    table: &dyn toml_edit::TableLike,
+    offset: usize,
+    path: &mut String,
+) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    for (name, item) in table.iter() {
+        let len = path.len();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(name);
+        let found = match item {
+            toml_edit::Item::Value(v) => v
+                .span()
+                .filter(|s| s.contains(&offset))
+                .zip(table.key(name).and_then(toml_edit::Key::span))
+                .map(|(value, key)| (key, value)),
+            toml_edit::Item::Table(t) => find_value(t, offset, path),
+            toml_edit::Item::ArrayOfTables(a) => a.iter().enumerate().find_map(|(i, t)| {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                let found = find_value(t, offset, path);
+                if found.is_none() {
+                    path.truncate(len);
+                }
+                found
+            }),
+            toml_edit::Item::None => None,
+        };
+        if found.is_some() {
+            return found;
+        }
+        path.truncate(len);
+    }
+    None
+}
+
+/// Adds to each problem of `error` the line of its key in `text` (or of the table it is missing
+/// from) and the name of its route. A key that a variable in `env` overrides gets no line: the
+/// value came from the variable.
+pub(super) fn locate(
+    mut error: ConfigError,
+    text: &str,
+    env: &std::collections::HashMap<String, String>,
+) -> ConfigError {
+    let Ok(doc) = toml_edit::ImDocument::parse(text) else {
+        return error;
+    };
+    let routes = doc
+        .get("route")
+        .and_then(toml_edit::Item::as_array_of_tables);
+    for p in &mut error.problems {
+        if let Some(i) = super::route_index(&p.key).map(|(i, _)| i) {
+            p.route = routes
+                .and_then(|r| r.get(i))
+                .and_then(|t| t.get("name"))
+                .and_then(toml_edit::Item::as_str)
+                .map(str::to_owned);
+        }
+        let overridden = env.contains_key(&super::validate::Namer::Env.global(&p.key));
+        if p.line.is_none() && !overridden {
+            p.line = key_offset(doc.as_table(), &p.key).map(|o| line_at(text, o));
+        }
+    }
+    // In the file's order; problems without a line (the environment's) first.
+    error.problems.sort_by_key(|p| p.line);
+    error
+}
+
+/// Where `key` (`route[1].upstream`, `aws.region`) is in the document: the key itself, else the
+/// innermost table on its path that the file has.
+fn key_offset(root: &toml_edit::Table, key: &str) -> Option<usize> {
+    let mut table: &dyn toml_edit::TableLike = root;
+    let mut at = None;
+    for seg in key.split('.') {
+        let (name, index) = match seg.split_once('[') {
+            Some((name, i)) => (name, i.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        let Some(item) = table.get(name) else {
+            return at;
+        };
+        at = table
+            .key(name)
+            .and_then(toml_edit::Key::span)
+            .map(|s| s.start)
+            .or(at);
+        let next: Option<&dyn toml_edit::TableLike> = match (item, index) {
+            (toml_edit::Item::ArrayOfTables(a), Some(i)) => a.get(i).map(|t| {
+                at = t.span().map(|s| s.start).or(at);
+                t as &dyn toml_edit::TableLike
+            }),
+            (item, None) => item.as_table_like(),
+            _ => None,
+        };
+        match next {
+            Some(t) => table = t,
+            None => return at,
+        }
+    }
+    at
+}
+
+/// The 1-based line of byte `offset` of `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 /// `route.0.hedaer` → `route[0].hedaer`.
@@ -119,17 +270,6 @@ fn display_path(p: &str) -> String {
         }
     }
     out
-}
-
-/// ` (line N)` for a byte span of `text`.
-fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
-    match span {
-        Some(r) => {
-            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
-            format!(" (line {line})")
-        }
-        None => String::new(),
-    }
 }
 
 #[cfg(test)]
@@ -189,8 +329,85 @@ mod tests {
 
     #[test]
     fn syntax_error_names_the_line() {
-        let e = toml("listen = \n").expect_err("syntax");
+        let e = toml("# keyproxy\nlisten = \n").expect_err("syntax");
         assert_eq!(keys(&e), vec!["(syntax)"]);
-        assert!(e.problems[0].message.contains("line 1"), "{e}");
+        assert_eq!(e.problems[0].line, Some(2));
+        assert!(e.to_string().contains("\n  test.toml:2: (syntax): "), "{e}");
+        assert!(!e.problems[0].message.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn values_of_the_wrong_type_are_each_named_with_the_rest() {
+        let e = toml(&format!(
+            "max_connections = \"10\"\n[aws]\nregion = 1\n{MINIMAL}retry_on_401 = \"yes\"\ntimeout = \"x\"\n"
+        ))
+        .expect_err("types");
+        assert_eq!(
+            keys(&e),
+            vec![
+                "max_connections",
+                "aws.region",
+                "route[0].retry_on_401",
+                "route[0].timeout"
+            ]
+        );
+        let lines: Vec<_> = e.problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![Some(1), Some(3), Some(10), Some(11)]);
+        assert!(e.problems[2].message.contains("expected a boolean"), "{e}");
+    }
+
+    #[test]
+    fn problems_name_the_route_and_the_line() {
+        // The issue's five mistakes: every one in the first pass, in the file's order.
+        let text = r#"listen = "127.0.0.1:8080"
+[[route]]
+name = "payments"
+path_prefix = "/payments"
+upstream = "https://api.example.com"
+secret_id = "prod/payments"
+
+[[route]]
+name = "payments"
+path_prefix = "/payments/"
+upstream = "ftp://api.example.com"
+secret_id = "prod/other"
+refresh_interval = "soon"
+hedaer = "X-Key"
+
+[[route]]
+name = "maps"
+upstream = "https://maps.example.com"
+"#;
+        let e = toml(text).expect_err("invalid");
+        let shown: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            shown,
+            vec![
+                r#"route "payments" (#2) name: "payments" is already the name of route #1"#,
+                r#"route "payments" (#2) path_prefix: "/payments" is already the path_prefix of route #1"#,
+                r#"route "payments" (#2) upstream: "ftp://api.example.com": scheme "ftp" is not http or https"#,
+                r#"route "payments" (#2) refresh_interval: "soon" is not a duration such as "30s" or "5m" (expected number at 0)"#,
+                r#"route "payments" (#2) hedaer: unknown key (check its spelling in the configuration reference)"#,
+                r#"route "maps" (#3) path_prefix: set path_prefix, host, or both: a route must match something"#,
+                r#"route "maps" (#3) secret_id: missing: the secret's name or ARN"#,
+            ],
+            "{e}"
+        );
+        let lines: Vec<_> = e.problems.iter().map(|p| p.line).collect();
+        assert_eq!(
+            lines,
+            vec![
+                Some(9),
+                Some(10),
+                Some(11),
+                Some(13),
+                Some(14),
+                Some(16),
+                Some(16)
+            ]
+        );
+        assert!(e.to_string().contains(
+            "\n  test.toml:11: route \"payments\" (#2) upstream: \"ftp://api.example.com\""
+        ));
     }
 }

@@ -77,6 +77,9 @@ pub struct Config {
     pub app_auth: Option<AppAuth>,
     /// Runtime worker threads; `None`: one per CPU.
     pub worker_threads: Option<usize>,
+    /// `[dev] echo`: where the proxy process also runs the development echo API
+    /// ([`crate::dev`]), for trying keyproxy without a network.
+    pub dev_echo: Option<SocketAddr>,
 }
 
 /// The app-side token: when set, every app request must carry it in `header`.
@@ -169,15 +172,45 @@ impl fmt::Display for Upstream {
 /// One problem: the key it concerns and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// `route[0].upstream`, `listen`, `KEYPROXY_UPSTREAM`, ...
+    /// The key as a path: `route[1].upstream`, `listen`, `KEYPROXY_UPSTREAM`, ...
     pub key: String,
     /// What is wrong, and what would be right.
     pub message: String,
+    /// The line of the file where the key is (or the table it is missing from), when the file
+    /// has it.
+    pub line: Option<usize>,
+    /// The name of the route the key belongs to, when it has one.
+    pub route: Option<String>,
+}
+
+impl Problem {
+    /// The key as shown: `route "payments" (#2) upstream` for `route[1].upstream` (the
+    /// route's name and its position, counted from 1), else the key itself.
+    pub fn shown_key(&self) -> String {
+        let Some((i, rest)) = route_index(&self.key) else {
+            return self.key.clone();
+        };
+        let route = match &self.route {
+            Some(name) => format!("route {name:?} (#{})", i + 1),
+            None => format!("route #{}", i + 1),
+        };
+        match rest.strip_prefix('.') {
+            Some(field) => format!("{route} {field}"),
+            None => route + rest,
+        }
+    }
+}
+
+/// `route[3].x` → `(3, ".x")`.
+fn route_index(key: &str) -> Option<(usize, &str)> {
+    let rest = key.strip_prefix("route[")?;
+    let close = rest.find(']')?;
+    Some((rest[..close].parse().ok()?, &rest[close + 1..]))
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
+        write!(f, "{}: {}", self.shown_key(), self.message)
     }
 }
 
@@ -194,12 +227,11 @@ impl ConfigError {
     /// A problem that stops everything else from being checked (the file cannot be read or
     /// parsed).
     fn single(origin: &str, key: &str, message: String) -> ConfigError {
+        let mut problems = Problems::default();
+        problems.add(key.to_owned(), message);
         ConfigError {
             origin: origin.to_owned(),
-            problems: vec![Problem {
-                key: key.to_owned(),
-                message,
-            }],
+            problems: problems.0,
         }
     }
 }
@@ -214,7 +246,10 @@ impl fmt::Display for ConfigError {
             if n == 1 { "" } else { "s" }
         )?;
         for p in &self.problems {
-            write!(f, "\n  {}: {p}", self.origin)?;
+            match p.line {
+                Some(line) => write!(f, "\n  {}:{line}: {p}", self.origin)?,
+                None => write!(f, "\n  {}: {p}", self.origin)?,
+            }
         }
         Ok(())
     }
@@ -229,6 +264,8 @@ impl Problems {
         self.0.push(Problem {
             key,
             message: message.into(),
+            line: None,
+            route: None,
         });
     }
 
@@ -282,6 +319,26 @@ impl Config {
         env::refuse_route_variables(env, &mut problems);
         env::apply_globals(&mut raw, env, &mut problems);
         validate::validate(raw, origin, validate::Namer::File, base, env, problems)
+            .map_err(|e| file::locate(e, text, env))
+    }
+
+    /// Only the `[aws]` section and `ca_bundle` of the TOML file at `path`, checked as for the
+    /// proxy (and the file's syntax and unknown keys): what `keyproxy rotate --config` takes from
+    /// the proxy's config file.
+    pub fn aws_from_file(
+        path: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<(AwsSettings, Option<PathBuf>), ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::single(&origin, "(file)", format!("cannot read the file: {e}"))
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let (raw, mut problems) = file::parse(&text, &origin)?;
+        let aws = validate::aws_only(raw, &base, &mut problems);
+        problems
+            .into_result(&origin, aws)
+            .map_err(|e| file::locate(e, &text, env))
     }
 
     /// Builds a single-route configuration from `KEYPROXY_*` variables.

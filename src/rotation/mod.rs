@@ -318,6 +318,9 @@ pub enum RotationError {
     /// A setting (environment variable) is invalid.
     #[error("rotation settings: {0}")]
     Settings(String),
+    /// The config file given for the `[aws]` settings is invalid.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
     /// The HTTP client could not be built (CA bundle, TLS).
     #[error("rotation HTTP client: {0}")]
     Client(#[from] ClientError),
@@ -345,7 +348,7 @@ impl RotationError {
         match self {
             RotationError::Step { cause, .. } => cause.kind(),
             RotationError::InvalidEvent(_) => "InvalidEvent",
-            RotationError::Settings(_) => "InvalidSettings",
+            RotationError::Settings(_) | RotationError::Config(_) => "InvalidSettings",
             RotationError::Client(_) => "ClientError",
         }
     }
@@ -397,6 +400,26 @@ impl Settings {
         }
         if let Some(v) = env.get("KEYPROXY_CA_BUNDLE").filter(|v| !v.is_empty()) {
             s.ca_bundle = Some(PathBuf::from(v));
+        }
+        Ok(s)
+    }
+}
+
+impl Settings {
+    /// Settings from the environment ([`Settings::from_env`]), with the `[aws]` section and
+    /// `ca_bundle` of the config file at `config`, if given (`KEYPROXY_CA_BUNDLE` still wins, as
+    /// for the proxy). The rest of the file is not checked: it may be the proxy's own.
+    pub fn load(
+        config: Option<&std::path::Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Settings, RotationError> {
+        let mut s = Settings::from_env(env)?;
+        if let Some(path) = config {
+            let (aws, ca_bundle) = crate::config::Config::aws_from_file(path, env)?;
+            s.aws = aws;
+            if s.ca_bundle.is_none() {
+                s.ca_bundle = ca_bundle;
+            }
         }
         Ok(s)
     }

@@ -13,6 +13,7 @@
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_secretsmanager::config::interceptors::InterceptorContext;
 use aws_sdk_secretsmanager::config::retry::{ClassifyRetry, RetryAction};
 use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
@@ -187,6 +188,20 @@ where
     R: std::fmt::Debug + 'static,
 {
     let id = id.to_owned();
+    if let Some(e) = credentials_error(&err) {
+        // The SDK's error names every provider it tried (IMDS tokens, HTTP bodies): kept for
+        // `debug`, replaced by what to set in the message.
+        tracing::debug!(secret = %id, error = %error_chain(&err), "no AWS credentials");
+        let detail = match e {
+            CredentialsError::InvalidConfiguration(_) => format!(
+                "the AWS credential configuration is invalid ({})",
+                crate::error::with_causes(String::new(), std::error::Error::source(e))
+                    .trim_start_matches(": ")
+            ),
+            _ => "no AWS credentials found".to_owned(),
+        };
+        return SourceError::NoCredentials { id, detail };
+    }
     match &err {
         SdkError::TimeoutError(_) => SourceError::Timeout {
             id,
@@ -236,7 +251,87 @@ where
     }
 }
 
+/// The credential provider's error, if `err` failed for want of credentials (the SDK reports
+/// it as a dispatch failure, before anything is sent).
+fn credentials_error<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a CredentialsError> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(c) = e.downcast_ref::<CredentialsError>() {
+            return Some(c);
+        }
+        cur = e.source();
+    }
+    None
+}
+
 /// The error and its sources, joined by `: `.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     crate::error::with_causes(err.to_string(), err.source())
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_credential_types::provider::{future, ProvideCredentials};
+    use aws_sdk_secretsmanager::config::{BehaviorVersion, Region};
+
+    use super::*;
+
+    /// A credential chain that finds nothing, or a broken configuration.
+    #[derive(Debug)]
+    struct NoCredentials(bool);
+
+    impl ProvideCredentials for NoCredentials {
+        fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            future::ProvideCredentials::ready(Err(if self.0 {
+                CredentialsError::invalid_configuration("profile `nope` was not defined")
+            } else {
+                CredentialsError::provider_error(
+                    "failed to load IMDS session token: IMDS is disabled",
+                )
+            }))
+        }
+    }
+
+    async fn fetch_without_credentials(broken: bool) -> SourceError {
+        let conf = aws_sdk_secretsmanager::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url("http://127.0.0.1:9")
+            .credentials_provider(NoCredentials(broken))
+            .build();
+        AwsSource::new(Client::from_conf(conf))
+            .fetch("prod/api", "AWSCURRENT")
+            .await
+            .expect_err("no credentials")
+    }
+
+    #[tokio::test]
+    async fn missing_credentials_say_what_to_set() {
+        let e = fetch_without_credentials(false).await;
+        assert_eq!(e.kind(), "no_credentials");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(
+                "secret \"prod/api\": no AWS credentials found: set AWS_ACCESS_KEY_ID"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("AWS_PROFILE") && !text.contains("IMDS"),
+            "{text}"
+        );
+        assert!(!text.contains('\n'));
+        let e = fetch_without_credentials(true).await;
+        assert_eq!(e.kind(), "no_credentials");
+        assert!(
+            e.to_string()
+                .contains("invalid (profile `nope` was not defined): set AWS_ACCESS_KEY_ID"),
+            "{e}"
+        );
+    }
 }

@@ -65,6 +65,10 @@ pub enum SourceError {
     /// KMS could not decrypt the secret.
     #[error("secret {id:?}: decryption failed ({detail})")]
     Decryption { id: String, detail: String },
+    /// No AWS credentials could be loaded: none are configured, or their configuration is
+    /// broken. `detail` says which; the message says what to set.
+    #[error("secret {id:?}: {detail}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with a role (ECS task role, IRSA or EKS Pod Identity, instance profile); a local emulator such as moto takes any values")]
+    NoCredentials { id: String, detail: String },
     /// The call did not finish in time.
     #[error("secret {id:?}: timed out ({detail})")]
     Timeout { id: String, detail: String },
@@ -87,6 +91,7 @@ impl SourceError {
             SourceError::AccessDenied { .. } => "access_denied",
             SourceError::Throttled { .. } => "throttled",
             SourceError::Decryption { .. } => "decryption_failure",
+            SourceError::NoCredentials { .. } => "no_credentials",
             SourceError::Timeout { .. } => "timeout",
             SourceError::Unreachable { .. } => "unreachable",
             SourceError::Invalid { .. } => "invalid_value",

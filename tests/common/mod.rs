@@ -1,7 +1,8 @@
 //! End-to-end test harness: real processes on 127.0.0.1.
 //!
 //! - [`Moto`]: moto's server as Secrets Manager (`moto_server`, installed by `scripts/test`),
-//!   one per test, killed on drop; [`Moto::client`] is the real AWS SDK pointed at it.
+//!   one per test on a port it bound itself ([`Served`]), killed on drop; [`Moto::client`] is
+//!   the real AWS SDK pointed at it.
 //! - [`KeyProxy`]: the `keyproxy` binary, logging JSON at `trace` into memory, killed on drop;
 //!   [`KeyProxy::assert_no_leak`] checks that no given secret value reached its logs.
 //! - [`Upstream`]: a small HTTP API of the test's own (hyper), recording every request it gets.
@@ -25,7 +26,9 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-/// A free port on 127.0.0.1 (bound, then released).
+/// A port on 127.0.0.1 where nothing listens now (bound, then released): for a server that is
+/// down at first. Another process may take it meanwhile; servers the tests start bind their own
+/// ([`Served`]).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -51,48 +54,125 @@ fn rand_suffix() -> u64 {
     h.finish() % 1_000_000
 }
 
+/// A server process of the tests' own (moto, httpbin), killed on drop. It binds its port itself
+/// and says which in its log: the test owns that port, with no bind-and-release race between
+/// tests. Its stderr is kept (the last lines) and shown when it fails to start.
+pub struct Served {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+    /// Its last log lines.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Served {
+    /// Starts `cmd`, a werkzeug server (moto, httpbin) told to bind 127.0.0.1 and `port` (0: a
+    /// port the system picks), and waits for the line where it reports the bound address
+    /// (` * Running on http://127.0.0.1:PORT`). The line comes from this child, so the server
+    /// answering on that port is ours. Panics, with the server's log, if it exits first (the
+    /// port is taken) or says nothing within 30 s.
+    pub fn start(mut cmd: Command, what: &str, port: u16) -> Served {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {what} (run scripts/test, which installs it): {e}")
+            });
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<u16>();
+        let sink = log.clone();
+        // Drained to the end, or the server would block on a full pipe (it logs every request).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(p) = reported_port(&line) {
+                    let _ = tx.send(p);
+                }
+                let mut log = sink.lock().expect("log");
+                if log.len() == 200 {
+                    log.remove(0);
+                }
+                log.push(line);
+            }
+        });
+        let mut served = Served {
+            child,
+            port: 0,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(p) if port == 0 || p == port => {
+                    served.port = p;
+                    return served;
+                }
+                Ok(p) => panic!("{what} reports port {p}, not {port}"),
+                Err(_) => {}
+            }
+            let exited = served.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "{what} did not start on port {port} ({}); its log:\n{}",
+                    exited.map_or("no answer within 30 s".into(), |s| s.to_string()),
+                    served.log()
+                );
+            }
+        }
+    }
+
+    /// Its log so far (the last 200 lines).
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The port in werkzeug's ` * Running on http://127.0.0.1:PORT` line.
+fn reported_port(line: &str) -> Option<u16> {
+    let rest = &line[line.find("Running on http://127.0.0.1:")? + 28..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 /// moto's Secrets Manager server.
 pub struct Moto {
-    child: Option<Child>,
+    server: Option<Served>,
     /// Its port.
     pub port: u16,
 }
 
 impl Moto {
-    /// Starts moto on a free port and waits until it answers.
+    /// Starts moto on a port of its own.
     pub fn start() -> Moto {
-        Moto::start_on(free_port())
+        Moto::start_on(0)
     }
 
-    /// Starts moto on `port` and waits until it answers.
+    /// Starts moto on `port` (0: one the system picks) and waits until it listens there.
+    /// Panics if the port is taken: a test never shares a moto with another.
     pub fn start_on(port: u16) -> Moto {
         let bin = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start {bin} (run scripts/test, which installs moto[server]): {e}")
-            });
-        let m = Moto {
-            child: Some(child),
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let server = Served::start(cmd, &format!("moto ({bin})"), port);
+        Moto {
+            port: server.port,
+            server: Some(server),
         }
-        m
     }
 
     /// A handle for a port where no moto runs (yet): for outage tests.
     pub fn not_running(port: u16) -> Moto {
-        Moto { child: None, port }
+        Moto { server: None, port }
     }
 
     /// Its endpoint URL.
@@ -100,23 +180,15 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Stops it (the port stays reserved only by chance: tests restart on the same port at once).
+    /// Stops it (the port stays reserved only by chance: tests restart on the same port at once,
+    /// and [`Moto::start_on`] fails loudly if another process took it meanwhile).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.server = None;
     }
 
     /// The real SDK client pointed at this moto.
     pub fn client(&self) -> aws_sdk_secretsmanager::Client {
         sdk_client(&self.url())
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -174,10 +246,28 @@ pub fn aws_env(moto: &Moto) -> Vec<(String, String)> {
     ]
 }
 
+/// Environment for a process that must find no AWS credentials anywhere: no variables, an empty
+/// home, no config or credentials file, and no instance metadata (which would find a role on an
+/// EC2 runner). For a process started with an empty environment.
+pub fn no_credentials_env(dir: &std::path::Path) -> Vec<(String, String)> {
+    let missing = |f: &str| dir.join(f).display().to_string();
+    vec![
+        ("HOME".into(), dir.display().to_string()),
+        ("AWS_CONFIG_FILE".into(), missing("no-aws-config")),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE".into(),
+            missing("no-aws-credentials"),
+        ),
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+    ]
+}
+
 /// A running keyproxy process.
 pub struct KeyProxy {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Signalled when its stderr ends (every log line read).
+    logs_end: std::sync::mpsc::Receiver<()>,
     /// App listener.
     pub addr: SocketAddr,
     /// Admin listener.
@@ -195,6 +285,21 @@ impl KeyProxy {
     /// Starts keyproxy with `config` (TOML; `listen`/`admin_listen` are set to free ports unless
     /// given) and extra environment; waits until both listeners are up (not until ready).
     pub fn start(config: &str, env: &[(String, String)]) -> KeyProxy {
+        let (cmd, dir) = KeyProxy::command(config);
+        KeyProxy::spawn(cmd, env, dir)
+    }
+
+    /// As [`KeyProxy::start`], with nothing of the test's environment but `PATH`: no AWS
+    /// credentials, profile or home directory unless `env` gives them.
+    pub fn start_isolated(config: &str, env: &[(String, String)]) -> KeyProxy {
+        let (mut cmd, dir) = KeyProxy::command(config);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        KeyProxy::spawn(cmd, env, dir)
+    }
+
+    /// `keyproxy --config FILE` for `config` written into a scratch directory.
+    fn command(config: &str) -> (Command, PathBuf) {
         let dir = scratch("kp");
         let mut text = String::new();
         if !config.contains("\nlisten") && !config.starts_with("listen") {
@@ -208,7 +313,7 @@ impl KeyProxy {
         std::fs::write(&path, text).expect("write config");
         let mut cmd = Command::new(binary());
         cmd.arg("--config").arg(&path);
-        KeyProxy::spawn(cmd, env, dir)
+        (cmd, dir)
     }
 
     /// Starts keyproxy configured only by environment variables.
@@ -233,6 +338,7 @@ impl KeyProxy {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<(String, SocketAddr)>();
         let sink = logs.clone();
+        let (end_tx, logs_end) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
@@ -245,6 +351,7 @@ impl KeyProxy {
                 }
                 sink.lock().expect("logs").push(line);
             }
+            let _ = end_tx.send(());
         });
         let mut addr = None;
         let mut admin = None;
@@ -266,6 +373,7 @@ impl KeyProxy {
         KeyProxy {
             child,
             logs,
+            logs_end,
             addr: addr.expect("addr"),
             admin: admin.expect("admin"),
             dir,
@@ -376,11 +484,12 @@ impl KeyProxy {
         self.wait_exit(within)
     }
 
-    /// Waits for the process to exit (up to `within`).
+    /// Waits for the process to exit (up to `within`), and for its last log lines to be read.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
+                let _ = self.logs_end.recv_timeout(Duration::from_secs(5));
                 return Some(s);
             }
             if Instant::now() > deadline {

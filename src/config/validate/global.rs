@@ -1,4 +1,5 @@
-//! The global settings: listeners, connection and thread limits, the CA bundle.
+//! The global settings: listeners, connection and thread limits, the CA bundle, the development
+//! echo API.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -79,4 +80,38 @@ pub(super) fn ca_bundle(
         Err(e) => problems.add(key, format!("cannot read {}: {e}", path.display())),
     }
     Some(path)
+}
+
+/// `dev.echo`: an `IP:port` for the development echo API, not one of the proxy's listeners.
+pub(super) fn dev_echo(
+    v: Option<&str>,
+    listeners: (SocketAddr, SocketAddr),
+    key: String,
+    problems: &mut Problems,
+) -> Option<SocketAddr> {
+    let addr = socket_addr(problems, key.clone(), Some(v?), "");
+    if addr.port() != 0 && (addr == listeners.0 || addr == listeners.1) {
+        problems.add(key, "must differ from listen and admin_listen");
+    }
+    Some(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::test_support::{keys, toml, MINIMAL};
+
+    #[test]
+    fn dev_echo_is_an_address_apart_from_the_listeners() {
+        let c = toml(&format!("[dev]\necho = \"127.0.0.1:8081\"\n{MINIMAL}")).expect("valid");
+        assert_eq!(c.dev_echo.map(|a| a.port()), Some(8081));
+        assert_eq!(toml(MINIMAL).expect("valid").dev_echo, None);
+        let e = toml(&format!(
+            "listen = \"127.0.0.1:8080\"\n[dev]\necho = \"127.0.0.1:8080\"\n{MINIMAL}"
+        ))
+        .expect_err("same as listen");
+        assert_eq!(keys(&e), vec!["dev.echo"]);
+        let e =
+            toml(&format!("[dev]\necho = \"localhost\"\nehco = 1\n{MINIMAL}")).expect_err("bad");
+        assert_eq!(keys(&e), vec!["dev.echo", "dev.ehco"]);
+    }
 }

@@ -2,7 +2,8 @@
 //! function that reports to the shared [`Problems`] and returns the typed value (or a stand-in,
 //! so that checking goes on and every problem is reported at once).
 //!
-//! - `global`: listeners, drain and connect timeouts, connection and thread limits, CA bundle.
+//! - `global`: listeners, drain and connect timeouts, connection and thread limits, CA bundle,
+//!   the development echo API.
 //! - `source`: `[source]` and `[aws]`.
 //! - `app_auth`: the app-side token.
 //! - `route`: each `[[route]]` and the list as a whole (names, prefixes and hosts unique).
@@ -17,6 +18,7 @@ use std::time::Duration;
 use super::defaults::{self, DurationSetting, MAX_DURATION};
 use super::file::RawFile;
 use super::{Config, ConfigError, Problems};
+use crate::secrets::aws::AwsSettings;
 
 mod app_auth;
 mod global;
@@ -34,7 +36,7 @@ pub(super) enum Namer {
 }
 
 impl Namer {
-    fn global(self, key: &str) -> String {
+    pub(in crate::config) fn global(self, key: &str) -> String {
         match self {
             Namer::File => key.to_owned(),
             Namer::Env => match key {
@@ -93,6 +95,9 @@ pub(super) fn validate(
     let app_auth = raw
         .app_auth
         .and_then(|a| app_auth::app_auth(a, base, env, &g, p));
+    let dev_echo = raw.dev.and_then(|d| {
+        global::dev_echo(d.echo.as_deref(), (listen, admin_listen), g("dev.echo"), p)
+    });
     let routes = route::routes(raw.routes.unwrap_or_default(), namer, p);
     let config = Config {
         origin: origin.to_owned(),
@@ -107,8 +112,21 @@ pub(super) fn validate(
         access_log: raw.access_log.unwrap_or(defaults::ACCESS_LOG),
         app_auth,
         worker_threads,
+        dev_echo,
     };
     problems.into_result(origin, config)
+}
+
+/// `[aws]` and `ca_bundle` alone (for rotation, which needs nothing else of the file).
+pub(super) fn aws_only(
+    raw: RawFile,
+    base: &Path,
+    problems: &mut Problems,
+) -> (AwsSettings, Option<PathBuf>) {
+    let g = |k: &str| Namer::File.global(k);
+    let aws = source::aws_settings(raw.aws.unwrap_or_default(), &g, problems);
+    let ca_bundle = global::ca_bundle(raw.ca_bundle.as_deref(), base, g("ca_bundle"), problems);
+    (aws, ca_bundle)
 }
 
 /// Parses a duration setting: its default when absent; a problem (and the default) when it is

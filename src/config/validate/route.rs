@@ -1,7 +1,7 @@
 //! Routes: each `[[route]]` (matching, upstream, secret, timing, replay body) and the list as a
 //! whole (at least one; names, prefixes and hosts unique).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use http::header::HeaderValue;
@@ -14,7 +14,8 @@ use crate::config::file::{RawRoute, SizeValue};
 use crate::config::{Problems, RouteConfig, Upstream};
 
 /// Every route that passes its own checks, in order; problems for a missing route list and for
-/// a name, prefix or host used twice.
+/// a name, prefix or host used twice (checked for every route, whether or not its other settings
+/// pass, so that they show in the same pass as the rest).
 pub(super) fn routes(
     raw: Vec<RawRoute>,
     namer: Namer,
@@ -35,45 +36,56 @@ pub(super) fn routes(
     let mut seen = Seen::default();
     for (i, r) in raw.into_iter().enumerate() {
         let k = |f: &str| namer.route(i, f);
+        seen.check(i, &r, &k, problems);
         if let Some(route) = route(r, &k, problems) {
-            seen.check(&route, &k, problems);
             routes.push(route);
         }
     }
     routes
 }
 
-/// What the routes so far claim: names, and which route holds each prefix and host.
+/// What the routes so far claim: names, prefixes and hosts, each with the first route (its
+/// index) that has it.
 #[derive(Default)]
 struct Seen {
-    names: HashSet<String>,
-    prefixes: HashMap<String, String>,
-    hosts: HashMap<String, String>,
+    names: HashMap<String, usize>,
+    prefixes: HashMap<String, usize>,
+    hosts: HashMap<String, usize>,
 }
 
 impl Seen {
-    /// Records `route`; a problem for each thing an earlier route already claims.
-    fn check(&mut self, route: &RouteConfig, k: &dyn Fn(&str) -> String, problems: &mut Problems) {
-        if !self.names.insert(route.name.clone()) {
-            problems.add(
-                k("name"),
-                format!("{:?} is used by another route", route.name),
-            );
-        }
-        if let Some(p) = &route.path_prefix {
-            if let Some(other) = self.prefixes.insert(p.clone(), route.name.clone()) {
+    /// Records route `i`; a problem for each thing an earlier route already claims.
+    fn check(
+        &mut self,
+        i: usize,
+        r: &RawRoute,
+        k: &dyn Fn(&str) -> String,
+        problems: &mut Problems,
+    ) {
+        let claims = [
+            (&mut self.names, "name", r.name.clone()),
+            (
+                &mut self.prefixes,
+                "path_prefix",
+                r.path_prefix.as_deref().map(normalized_prefix),
+            ),
+            (
+                &mut self.hosts,
+                "host",
+                r.host.as_deref().map(str::to_ascii_lowercase),
+            ),
+        ];
+        for (seen, key, value) in claims {
+            let Some(value) = value.filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            if let Some(first) = seen.get(&value) {
                 problems.add(
-                    k("path_prefix"),
-                    format!("{p:?} overlaps route {other:?}, which has the same prefix"),
+                    k(key),
+                    format!("{value:?} is already the {key} of route #{}", first + 1),
                 );
-            }
-        }
-        if let Some(h) = &route.host {
-            if let Some(other) = self.hosts.insert(h.clone(), route.name.clone()) {
-                problems.add(
-                    k("host"),
-                    format!("{h:?} is already the host of route {other:?}"),
-                );
+            } else {
+                seen.insert(value, i);
             }
         }
     }
@@ -158,13 +170,18 @@ fn name(v: Option<String>, key: String, problems: &mut Problems) -> String {
     }
 }
 
-/// `path_prefix`: a plain absolute path; kept without its trailing slashes (`/` stays `/`).
-fn path_prefix(p: String, key: String, problems: &mut Problems) -> String {
-    let norm = if p.len() > 1 {
+/// A prefix as routes are matched by it: without its trailing slashes (`/` stays `/`).
+fn normalized_prefix(p: &str) -> String {
+    if p.len() > 1 {
         p.trim_end_matches('/').to_owned()
     } else {
-        p.clone()
-    };
+        p.to_owned()
+    }
+}
+
+/// `path_prefix`: a plain absolute path; kept without its trailing slashes (`/` stays `/`).
+fn path_prefix(p: String, key: String, problems: &mut Problems) -> String {
+    let norm = normalized_prefix(&p);
     if !p.starts_with('/') {
         problems.add(key, format!("{p:?} must start with '/'"));
     } else if p.contains(['?', '#', '%', '\\']) || p.split('/').any(|s| s == "." || s == "..") {

@@ -31,7 +31,7 @@ pub(super) fn source(
                 problems.add(g("aws"), "[aws] applies only to the aws source");
             }
             match src.path {
-                Some(p) => SourceConfig::File(resolve(base, &p)),
+                Some(p) => SourceConfig::File(secrets_file(resolve(base, &p), g, problems)),
                 None => {
                     problems.add(g("source.path"), "the file source needs a path");
                     SourceConfig::File(PathBuf::new())
@@ -48,9 +48,30 @@ pub(super) fn source(
     }
 }
 
+/// `source.path`: a file that exists (its content is read, and re-read, by the source itself:
+/// a value that cannot be used is refused then, naming the secret).
+fn secrets_file(path: PathBuf, g: &dyn Fn(&str) -> String, problems: &mut Problems) -> PathBuf {
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => problems.add(
+            g("source.path"),
+            format!("{} is not a file", path.display()),
+        ),
+        Err(e) => problems.add(
+            g("source.path"),
+            format!("cannot read {}: {e}", path.display()),
+        ),
+    }
+    path
+}
+
 /// `[aws]`: an endpoint URL with a scheme, the SDK's timeouts and attempts, and the start-up
 /// jitter.
-fn aws_settings(aws: RawAws, g: &dyn Fn(&str) -> String, problems: &mut Problems) -> AwsSettings {
+pub(super) fn aws_settings(
+    aws: RawAws,
+    g: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) -> AwsSettings {
     if let Some(u) = &aws.endpoint_url {
         if Uri::from_str(u)
             .map(|u| u.scheme().is_none())
@@ -104,24 +125,30 @@ fn startup_jitter(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-    use std::path::{Path, PathBuf};
-
     use std::time::Duration;
 
     use crate::config::test_support::{keys, toml, MINIMAL};
     use crate::config::{Config, SourceConfig};
+    use std::collections::HashMap;
 
     #[test]
-    fn file_source_path_is_relative_to_the_config() {
-        let c = Config::from_toml(
-            &format!("[source]\ntype = \"file\"\npath = \"s.json\"\n{MINIMAL}"),
-            "cfg/t.toml",
-            Path::new("cfg"),
-            &HashMap::new(),
-        )
-        .expect("valid");
-        assert_eq!(c.source, SourceConfig::File(PathBuf::from("cfg/s.json")));
+    fn file_source_path_is_relative_to_the_config_and_must_exist() {
+        let dir = std::env::temp_dir().join(format!("keyproxy-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("s.json"), "{}").expect("write");
+        let text = format!("[source]\ntype = \"file\"\npath = \"s.json\"\n{MINIMAL}");
+        let c = Config::from_toml(&text, "t.toml", &dir, &HashMap::new()).expect("valid");
+        assert_eq!(c.source, SourceConfig::File(dir.join("s.json")));
+        std::fs::remove_dir_all(&dir).expect("rm");
+        let e = Config::from_toml(&text, "t.toml", &dir, &HashMap::new()).expect_err("missing");
+        assert_eq!(keys(&e), vec!["source.path"]);
+        assert_eq!(e.problems[0].line, Some(3));
+        assert!(
+            e.problems[0]
+                .message
+                .starts_with(&format!("cannot read {}", dir.join("s.json").display())),
+            "{e}"
+        );
     }
 
     fn startup_jitter(c: &Config) -> Duration {
