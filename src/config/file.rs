@@ -207,7 +207,7 @@ pub(super) fn locate(
                 .and_then(toml_edit::Item::as_str)
                 .map(str::to_owned);
         }
-        let overridden = env.contains_key(&super::validate::Namer::Env.global(&p.key));
+        let overridden = env.contains_key(&super::names::Namer::Env.global(&p.key));
         if p.line.is_none() && !overridden {
             p.line = key_offset(doc.as_table(), &p.key).map(|o| line_at(text, o));
         }

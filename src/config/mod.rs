@@ -33,6 +33,7 @@ use crate::secrets::aws::AwsSettings;
 pub mod defaults;
 mod env;
 mod file;
+mod names;
 #[cfg(test)]
 mod test_support;
 mod validate;
@@ -318,7 +319,7 @@ impl Config {
         let (mut raw, mut problems) = file::parse(text, origin)?;
         env::refuse_route_variables(env, &mut problems);
         env::apply_globals(&mut raw, env, &mut problems);
-        validate::validate(raw, origin, validate::Namer::File, base, env, problems)
+        validate::validate(raw, origin, names::Namer::File, base, env, problems)
             .map_err(|e| file::locate(e, text, env))
     }
 
@@ -345,14 +346,7 @@ impl Config {
     pub fn from_env(env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let (raw, problems) = env::parse(env);
         let cwd = PathBuf::new();
-        validate::validate(
-            raw,
-            "environment",
-            validate::Namer::Env,
-            &cwd,
-            env,
-            problems,
-        )
+        validate::validate(raw, "environment", names::Namer::Env, &cwd, env, problems)
     }
 }
 

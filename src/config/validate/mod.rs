@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use super::defaults::{self, DurationSetting, MAX_DURATION};
 use super::file::RawFile;
+use super::names::Namer;
 use super::{Config, ConfigError, Problems};
 use crate::secrets::aws::AwsSettings;
 
@@ -27,39 +28,6 @@ mod route;
 mod source;
 
 pub use route::parse_upstream;
-
-/// Names keys the way the user wrote them: TOML paths, or environment variable names.
-#[derive(Clone, Copy)]
-pub(super) enum Namer {
-    File,
-    Env,
-}
-
-impl Namer {
-    pub(in crate::config) fn global(self, key: &str) -> String {
-        match self {
-            Namer::File => key.to_owned(),
-            Namer::Env => match key {
-                "source.type" => "KEYPROXY_SOURCE".into(),
-                "source.path" => "KEYPROXY_SECRETS_FILE".into(),
-                "aws.region" => "AWS_REGION".into(),
-                "app_auth" => "KEYPROXY_APP_TOKEN".into(),
-                "route" => "KEYPROXY_UPSTREAM".into(),
-                k => format!("KEYPROXY_{}", k.replace('.', "_").to_uppercase()),
-            },
-        }
-    }
-
-    fn route(self, i: usize, key: &str) -> String {
-        match self {
-            Namer::File => format!("route[{i}].{key}"),
-            Namer::Env => match key {
-                "name" => "KEYPROXY_ROUTE_NAME".into(),
-                k => format!("KEYPROXY_{}", k.to_uppercase()),
-            },
-        }
-    }
-}
 
 /// Validates every section of `raw`, after the `problems` parsing found; `Ok` only if there is
 /// none at all. Relative paths resolve against `base`; `env` holds the variables a token may

@@ -8,9 +8,10 @@ use http::header::HeaderValue;
 use http::uri::{Authority, Scheme};
 use http::Uri;
 
-use super::{duration, injection, Namer};
+use super::{duration, injection};
 use crate::config::defaults::{self, DurationSetting};
 use crate::config::file::{RawRoute, SizeValue};
+use crate::config::names::Namer;
 use crate::config::{Problems, RouteConfig, Upstream};
 
 /// Every route that passes its own checks, in order; problems for a missing route list and for
