@@ -134,7 +134,11 @@ async fn https_upstream_with_private_ca_speaks_http2_when_offered() {
     let pki = pki();
     let ca = ca_file(&pki);
     let (addr, _task) = tls_upstream(&pki, &[b"h2", b"http/1.1"]).await;
-    let kp = start(&format!("https://localhost:{}", addr.port()), Some(&ca), "");
+    let kp = start(
+        &format!("https://localhost:{}", addr.port()),
+        Some(&ca),
+        "http2 = true",
+    );
     kp.wait_ready(Duration::from_secs(10)).await;
     let r = http::get(&kp.url("/tls/v1/ping")).await.expect("get");
     assert_eq!(r.status, 200, "{}", r.text());

@@ -139,7 +139,7 @@ pub struct RouteConfig {
     pub pending_fallback: bool,
     /// Refresh and replay once when the upstream answers 401.
     pub retry_on_401: bool,
-    /// Offer HTTP/2 to an `https://` upstream by ALPN (else HTTP/1.1 on the fast path).
+    /// Offer HTTP/2 to an `https://` upstream by ALPN (default false: HTTP/1.1 on the fast path).
     pub http2: bool,
     /// Request bodies up to this size are kept for a replay; larger ones stream, never replayed
     /// ([`defaults::MAX_REPLAY_BODY`], at most [`defaults::MAX_REPLAY_BODY_LIMIT`]).
@@ -371,7 +371,7 @@ mod tests {
         assert_eq!(r.refresh_interval, Duration::from_secs(300));
         assert_eq!(r.max_replay_body, 256 * 1024);
         assert!(r.retry_on_401);
-        assert!(r.http2);
+        assert!(!r.http2, "HTTP/1.1 to the upstream by default");
         assert!(matches!(&r.injection, Injection::Header { name, template }
             if name == "authorization" && template.as_text() == "Bearer {secret}"));
         assert!(matches!(c.source, SourceConfig::Aws(_)));
