@@ -15,6 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::ReqBody;
+use crate::limits::MAX_HEADER_BYTES;
 
 /// The upstream client type.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, ReqBody>;
@@ -74,31 +75,42 @@ pub fn tls_config(
         .with_no_client_auth())
 }
 
-/// Builds the pooled upstream client.
+/// Builds the pooled upstream client (HTTP/2 and HTTP/1.1 offered by ALPN).
 pub fn client(
     connect_timeout: Duration,
     ca_bundle: Option<&std::path::Path>,
 ) -> Result<UpstreamClient, ClientError> {
-    Ok(client_with(connect_timeout, tls_config(ca_bundle)?))
+    Ok(client_with(connect_timeout, tls_config(ca_bundle)?, true))
 }
 
-/// Builds the pooled upstream client with `tls` (HTTP/2 and HTTP/1.1 are offered by ALPN).
-pub fn client_with(connect_timeout: Duration, tls: rustls::ClientConfig) -> UpstreamClient {
+/// Builds a pooled upstream client with `tls`. With `http2`, HTTP/2 and HTTP/1.1 are offered by
+/// ALPN and the server chooses; without, only HTTP/1.1 is spoken (no ALPN offer), whatever the
+/// server supports: a route's `http2 = false` holds for every request on it.
+pub fn client_with(
+    connect_timeout: Duration,
+    tls: rustls::ClientConfig,
+    http2: bool,
+) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
-        .enable_all_versions()
-        .wrap_connector(http);
+        .https_or_http();
+    let https = if http2 {
+        builder.enable_all_versions().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .http2_adaptive_window(true)
+        // The same limit for a response head as over HTTP/1.1 (hyper's default is 16 KiB).
+        .http2_max_header_list_size(MAX_HEADER_BYTES as u32)
         .build(https)
 }
 

@@ -32,6 +32,7 @@ pub mod error;
 pub mod forward;
 pub mod h1;
 pub mod inject;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;

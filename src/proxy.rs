@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderMap};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
@@ -16,7 +17,7 @@ use crate::body::{ReqBody, RespBody};
 use crate::cache::{Loaded, Slot};
 use crate::config::{AppAuth, RouteConfig};
 use crate::error::ProxyError;
-use crate::forward::{strip_hop_by_hop, UpstreamClient};
+use crate::forward::{self, strip_hop_by_hop, UpstreamClient};
 use crate::h1::Pool;
 use crate::inject::{set_query, Credential, Injection};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -39,7 +40,10 @@ pub struct Route {
 pub struct Proxy {
     pub(crate) routes: Vec<Route>,
     pub(crate) router: Router,
+    /// For routes with `http2 = true`: offers HTTP/2 and HTTP/1.1 by ALPN.
     client: UpstreamClient,
+    /// For routes with `http2 = false`: HTTP/1.1 only.
+    client_h1: UpstreamClient,
     metrics: Arc<Metrics>,
     pub(crate) app_auth: Option<AppAuth>,
     pub(crate) access_log: bool,
@@ -58,7 +62,6 @@ impl Proxy {
     /// Builds the service.
     pub fn new(
         routes: Vec<Route>,
-        client: UpstreamClient,
         metrics: Arc<Metrics>,
         app_auth: Option<AppAuth>,
         access_log: bool,
@@ -66,6 +69,8 @@ impl Proxy {
         tls: Arc<rustls::ClientConfig>,
     ) -> Proxy {
         let router = Router::new(&routes.iter().map(|r| r.config.clone()).collect::<Vec<_>>());
+        let client = forward::client_with(connect_timeout, (*tls).clone(), true);
+        let client_h1 = forward::client_with(connect_timeout, (*tls).clone(), false);
         // The fast path's HTTP/1.1 connections offer only HTTP/1.1 by ALPN.
         let mut fast_tls = (*tls).clone();
         fast_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -78,6 +83,7 @@ impl Proxy {
             routes,
             router,
             client,
+            client_h1,
             metrics,
             app_auth,
             access_log,
@@ -145,6 +151,8 @@ impl Proxy {
             }
         }
 
+        check_host_count(&req)?;
+
         // 1. Route.
         let (route_index, strip) = self.route(&req)?;
         outcome.route = Some(route_index);
@@ -196,13 +204,22 @@ impl Proxy {
             headers.remove(&auth.header);
         }
         route.config.injection.strip_header(&mut headers);
-        headers.insert(header::HOST, route.config.upstream.host_header.clone());
+        // The upstream's authority goes in the URI only: over HTTP/1.1 the client writes it as
+        // `Host`, over HTTP/2 as `:authority`, and never both (RFC 9113 §8.3.1; nginx answers a
+        // request carrying both with 400).
+        headers.remove(header::HOST);
 
         let replayable = route.config.retry_on_401;
         let prepared = if replayable {
             retry::prepare(body, route.config.max_replay_body)
                 .await
                 .map_err(|e| ProxyError::BadRequest(format!("reading the request body: {e}")))?
+        } else if body.is_end_stream() {
+            // No body: nothing to keep, and the request can be sent again as it is.
+            retry::Prepared {
+                body: ReqBody::empty(),
+                replay: None,
+            }
         } else {
             retry::Prepared {
                 body: ReqBody::Stream(body),
@@ -260,7 +277,10 @@ impl Proxy {
     /// The route for a request, and how many leading bytes of the path its prefix takes.
     fn route(&self, req: &Request<Incoming>) -> Result<(usize, usize), ProxyError> {
         let uri = req.uri();
-        if let Some(authority) = uri.authority() {
+        // Every HTTP/2 request has an `:authority`, which is its `Host` (RFC 9113 §8.3.1), not
+        // a sign of forward mode: HTTP/2 apps are routed by path first, as HTTP/1.1 ones are.
+        let h2 = req.version() == Version::HTTP_2;
+        if let (Some(authority), false) = (uri.authority(), h2) {
             // Absolute-form (forward proxy mode): only a configured host.
             return match self.router.by_host(authority.as_str()) {
                 Some(i) => Ok((i, 0)),
@@ -272,14 +292,15 @@ impl Proxy {
         if let Some(m) = self.router.by_path(uri.path()) {
             return Ok((m.route, uri.path().len() - m.rest.len()));
         }
-        if let Some(host) = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-        {
-            if let Some(i) = self.router.by_host(host) {
-                return Ok((i, 0));
-            }
+        let host = match uri.authority() {
+            Some(a) if h2 => Some(a.as_str()),
+            _ => req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok()),
+        };
+        if let Some(i) = host.and_then(|h| self.router.by_host(h)) {
+            return Ok((i, 0));
         }
         Err(ProxyError::NoRoute {
             what: format!("{} {}", req.method(), uri.path()),
@@ -336,7 +357,26 @@ impl Proxy {
     ) -> Result<Response<Incoming>, ProxyError> {
         let start = Instant::now();
         let timeout = route.config.timeout;
-        let result = tokio::time::timeout(timeout, self.client.request(req)).await;
+        let client = if route.config.http2 {
+            &self.client
+        } else {
+            &self.client_h1
+        };
+        // A request the upstream is known not to have processed (refused, or above an HTTP/2
+        // GOAWAY's last stream id) goes out once more, on a new connection, if its body can be
+        // sent again.
+        let again = copy_if_resendable(&req);
+        let send = async {
+            match (client.request(req).await, again) {
+                (Err(e), Some(again)) if unprocessed(&e) => {
+                    tracing::debug!(route = %route.config.name, error = %e,
+                        "the upstream did not process the request; sending it again");
+                    client.request(again).await
+                }
+                (result, _) => result,
+            }
+        };
+        let result = tokio::time::timeout(timeout, send).await;
         route
             .metrics
             .upstream_seconds
@@ -351,11 +391,59 @@ impl Proxy {
     }
 }
 
-/// The upstream's response, relayed: hop-by-hop headers dropped, body streamed.
+/// The upstream's response, relayed: hop-by-hop headers dropped, body streamed, framing
+/// written anew by the app-facing side (one `Content-Length` at most).
 fn respond(resp: Response<Incoming>, idle: std::time::Duration) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // The client accepted repeated `Content-Length` lines only if they agree: keep one.
+    if let header::Entry::Occupied(mut e) = parts.headers.entry(header::CONTENT_LENGTH) {
+        let first = e.get().clone();
+        e.insert(first);
+    }
     Response::from_parts(parts, RespBody::idle(body, idle))
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host`; any request at most one.
+fn check_host_count<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    match hosts {
+        0 if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs a Host header".into(),
+        )),
+        0 | 1 => Ok(()),
+        _ => Err(ProxyError::BadRequest(
+            "the request has more than one Host header".into(),
+        )),
+    }
+}
+
+/// A copy of `req` to send again, when its body is in memory.
+fn copy_if_resendable(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
+    let ReqBody::Full(body) = req.body() else {
+        return None;
+    };
+    let mut copy = Request::new(ReqBody::Full(body.clone()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether the upstream certainly did not process the request: HTTP/2 `REFUSED_STREAM`, or a
+/// stream cut by a graceful GOAWAY (`NO_ERROR`), which only reaches streams above the GOAWAY's
+/// last stream id (RFC 9113 §6.8, §8.7).
+fn unprocessed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// A client error with its causes (connection refused, TLS failure, ...); carries no headers.

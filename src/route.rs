@@ -85,14 +85,16 @@ impl Router {
 }
 
 /// Checks that a path cannot climb out of the route's prefix or the upstream's base path: no
-/// `.` or `..` segment, raw or percent-encoded, with `/` or `\` as separators; no NUL.
+/// `.` or `..` segment, raw or percent-encoded, with `/` or `\` as separators, also with path
+/// parameters (`..;x`: Tomcat, Jetty and Spring drop what follows `;` in a segment and then
+/// resolve the dots); no NUL.
 pub fn check_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err("the path must start with '/'".into());
     }
     // Fast path: nothing encoded, no backslash, no segment made of dots.
     if !path.bytes().any(|b| b == b'%' || b == b'\\')
-        && !path.split('/').any(|seg| seg == "." || seg == "..")
+        && !path.split('/').any(|seg| dot_segment(seg.as_bytes()))
     {
         return Ok(());
     }
@@ -103,14 +105,17 @@ pub fn check_path(path: &str) -> Result<(), String> {
         if bytes.contains(&0) {
             return Err("the path contains a NUL byte".into());
         }
-        if bytes
-            .split(|b| *b == b'/' || *b == b'\\')
-            .any(|seg| seg == b"." || seg == b"..")
-        {
+        if bytes.split(|b| *b == b'/' || *b == b'\\').any(dot_segment) {
             return Err("the path contains a '.' or '..' segment".into());
         }
     }
     Ok(())
+}
+
+/// Whether a path segment is `.` or `..`, with or without path parameters after `;`.
+fn dot_segment(seg: &[u8]) -> bool {
+    let name = seg.split(|b| *b == b';').next().unwrap_or(seg);
+    name == b"." || name == b".."
 }
 
 #[cfg(test)]
@@ -205,7 +210,14 @@ mod tests {
     fn path_escapes_are_refused() {
         assert!(check_path("/payments/charges").is_ok());
         assert!(check_path("/a/b.c/..d").is_ok());
+        assert!(check_path("/a;v=1/b;jsessionid=x").is_ok());
+        assert!(check_path("/a/..x;y/b").is_ok());
         for bad in [
+            "/api/..;/admin",
+            "/api/..;x=1/admin",
+            "/api/.;/admin",
+            "/api/%2e%2e;x/admin",
+            "/api/%2e;/admin",
             "/payments/../admin",
             "/payments/%2e%2e/admin",
             "/payments/%2E%2e%2Fadmin",

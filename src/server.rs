@@ -25,14 +25,12 @@ use crate::config::{Config, SourceConfig};
 use crate::error::ProxyError;
 use crate::forward;
 use crate::h1::{self, Drain, Rewind, Served};
+use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Route};
 use crate::secrets::aws::{self as aws_source, AwsSource};
 use crate::secrets::file::FileSource;
 use crate::secrets::SecretSource;
-
-/// Largest request head (request line + headers) accepted; larger gets 431.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +68,6 @@ pub async fn source(config: &Config) -> Arc<dyn SecretSource> {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let tls = forward::tls_config(config.ca_bundle.as_deref())?;
-    let client = forward::client_with(config.connect_timeout, tls.clone());
     let app_listener = bind("listen", config.listen).await?;
     let admin_listener = bind("admin_listen", config.admin_listen).await?;
     let app_addr = app_listener.local_addr().map_err(|source| RunError::Bind {
@@ -102,7 +99,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .collect();
     let proxy = Arc::new(Proxy::new(
         routes,
-        client,
         metrics.clone(),
         config.app_auth.clone(),
         config.access_log,
@@ -134,7 +130,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(HEAD_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES);
     http.http2()
         .timer(TokioTimer::new())

@@ -180,6 +180,46 @@ async fn read_response(s: &mut TcpStream, body_len: usize) -> (String, Vec<u8>) 
     }
 }
 
+/// Reads one chunked response from `s`: (head, decoded body). The framing must be canonical:
+/// hex sizes without extensions, CRLF everywhere, no trailers.
+async fn read_chunked_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !(buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.ends_with(b"\r\n0\r\n\r\n")) {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed early; got {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut rest = &buf[end..];
+    let mut body = Vec::new();
+    loop {
+        let line = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("size line");
+        let size_text = std::str::from_utf8(&rest[..line]).expect("ascii size");
+        let size = usize::from_str_radix(size_text, 16).expect("bare hex size");
+        rest = &rest[line + 2..];
+        if size == 0 {
+            assert_eq!(rest, b"\r\n", "no trailers, nothing after the body");
+            return (head, body);
+        }
+        body.extend_from_slice(&rest[..size]);
+        assert_eq!(&rest[size..size + 2], b"\r\n");
+        rest = &rest[size + 2..];
+    }
+}
+
 /// The request target of a request head.
 fn target(head: &str) -> &str {
     head.split(' ').nth(1).unwrap_or("")
@@ -225,19 +265,18 @@ async fn every_response_framing_is_relayed_intact() {
     let kp = proxy_to(&up.url(), "").await;
     let mut s = TcpStream::connect(kp.addr).await.expect("connect");
 
-    // Chunked: relayed chunk by chunk with extensions and trailers, on the same connection after.
+    // Chunked: decoded and framed anew (extensions and trailers dropped), the connection kept.
     s.write_all(b"GET /api/chunked HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("w");
-    let want = b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-trailer: t\r\n\r\n";
-    let (head, body) = read_response(&mut s, want.len()).await;
+    let (head, body) = read_chunked_response(&mut s).await;
     assert_eq!(status_of(&head), 200);
     assert!(
         head.to_ascii_lowercase()
             .contains("transfer-encoding: chunked"),
         "{head}"
     );
-    assert_eq!(body, want);
+    assert_eq!(body, b"hello world");
 
     // 103 is not relayed; the final answer is.
     s.write_all(b"GET /api/early HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -252,7 +291,10 @@ async fn every_response_framing_is_relayed_intact() {
         .await
         .expect("w");
     let (head, body) = read_response(&mut s, 0).await;
-    assert!(head.contains("Content-Length: 100"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 100"),
+        "{head}"
+    );
     assert!(body.is_empty());
 
     // 204: no body, and the connection goes on.
