@@ -130,29 +130,32 @@ pub fn host_rule(http11: bool, hosts: usize) -> Result<(), &'static str> {
 /// registered-name characters, `%`-escapes, an IP literal in brackets; empty is allowed. A list
 /// (`a.example, b.example`), white space, `/`, `\\`, `@` and the like are refused (400).
 pub fn host_value_ok(v: &[u8]) -> bool {
-    v.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b';'
-                    | b'='
-                    | b':'
-                    | b'['
-                    | b']'
-            )
-    })
+    v.iter()
+        .all(|&b| (uri_byte(b) && b != b',') || matches!(b, b':' | b'[' | b']'))
+}
+
+/// RFC 3986's `unreserved` and `sub-delims`, and the `%` of an escape: the bytes any URI
+/// component may carry as they are. The request target and `Host` rules add their own.
+pub fn uri_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'%'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+        )
 }
 
 /// Whether the app sent the configured token (compared in constant time). `sent`: the first

@@ -155,6 +155,21 @@ async fn proxy_to(up: &str, extra: &str) -> KeyProxy {
     kp
 }
 
+/// Reads what `s` has next into `buf`, by `deadline`; the connection must stay open.
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>, deadline: tokio::time::Instant) {
+    let mut chunk = [0u8; 8192];
+    let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+        .await
+        .expect("response in time")
+        .expect("read");
+    assert!(
+        n > 0,
+        "closed early; got {:?}",
+        String::from_utf8_lossy(buf)
+    );
+    buf.extend_from_slice(&chunk[..n]);
+}
+
 /// Reads one response with a known body length from `s`: (head, body).
 async fn read_response(s: &mut TcpStream, body_len: usize) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
@@ -166,17 +181,7 @@ async fn read_response(s: &mut TcpStream, body_len: usize) -> (String, Vec<u8>) 
                 return (head, buf[i + 4..].to_vec());
             }
         }
-        let mut chunk = [0u8; 8192];
-        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
-            .await
-            .expect("response in time")
-            .expect("read");
-        assert!(
-            n > 0,
-            "closed early; got {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(s, &mut buf, deadline).await;
     }
 }
 
@@ -186,17 +191,7 @@ async fn read_chunked_response(s: &mut TcpStream) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !(buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.ends_with(b"\r\n0\r\n\r\n")) {
-        let mut chunk = [0u8; 8192];
-        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
-            .await
-            .expect("response in time")
-            .expect("read");
-        assert!(
-            n > 0,
-            "closed early; got {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(s, &mut buf, deadline).await;
     }
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();

@@ -11,7 +11,7 @@ use crate::cache::Loaded;
 use crate::forward::is_hop_by_hop;
 use crate::inject::{write_target, Credential, Injection};
 use crate::limits::MAX_HEADERS;
-use crate::route::{app_token_ok, check_path, host_rule, host_value_ok};
+use crate::route::{app_token_ok, check_path, host_rule, host_value_ok, uri_byte};
 use crate::routes::Route;
 
 /// What the parsed head of an app request says to do.
@@ -249,29 +249,7 @@ fn request_header(name: &str) -> Header {
 
 /// Bytes the fast path takes in a request target: RFC 3986's, without `#`.
 fn target_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'%'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-                | b':'
-                | b'@'
-                | b'/'
-                | b'?'
-        )
+    uri_byte(b) || matches!(b, b':' | b'@' | b'/' | b'?')
 }
 
 /// A `Content-Length` value: digits only, no sign, no overflow.
