@@ -552,6 +552,25 @@ async fn upstream_connection_refused_is_502_then_works_once_it_listens() {
         );
         assert!(!body.contains("refused-key"));
     }
+    // The general engine too (a chunked request body): refused, 502.
+    let resp = raw(
+        kp.addr,
+        "POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 502, "{resp}");
+    // Nothing was sent: no key counted as injected, no upstream duration observed.
+    let m = kp.metrics().await;
+    assert_eq!(
+        sum_metric(&m, "keyproxy_keys_injected_total", &["api"]),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        sum_metric(&m, "keyproxy_upstream_duration_seconds_count", &["api"]),
+        0.0,
+        "{m}"
+    );
     // The upstream comes up on that port: the next request works.
     let listener = TcpListener::bind(("127.0.0.1", port))
         .await
@@ -561,6 +580,12 @@ async fn upstream_connection_refused_is_502_then_works_once_it_listens() {
     assert_eq!((status, marker), (200, None));
     assert_eq!(body.expect("body"), "hello");
     assert_eq!(up.conns.load(Ordering::SeqCst), 1);
+    let m = kp.metrics().await;
+    assert_eq!(
+        sum_metric(&m, "keyproxy_keys_injected_total", &["api"]),
+        1.0,
+        "{m}"
+    );
     kp.assert_nowhere(&["refused-key"]).await;
 }
 

@@ -50,11 +50,12 @@ impl Conn<'_> {
             .credential(loaded)
             .ok_or_else(|| ProxyError::NoKey("no credential rendered for this route".into()))?;
         self.request_head(route, plan, cred, body);
-        route.metrics.injected.inc();
         let timeout = route.config.timeout;
         let start = Instant::now();
         self.deadline.set(start + timeout);
         let mut fresh_only = false;
+        // Whether a connection to the upstream was had: only then was the key sent.
+        let mut connected = false;
         let result = loop {
             let pooled = if fresh_only { None } else { pool.checkout() };
             let (mut conn, reused) = match pooled {
@@ -70,6 +71,7 @@ impl Conn<'_> {
                     Err(()) => break Err(timeout_error(timeout)),
                 },
             };
+            connected = true;
             self.up.clear();
             match self.round_trip(&mut conn, plan, body, drain).await {
                 Ok((head, sent)) => {
@@ -99,10 +101,13 @@ impl Conn<'_> {
                 Err(Failure::Proxy(e)) => break Err(e),
             }
         };
-        route
-            .metrics
-            .upstream_seconds
-            .observe(start.elapsed().as_secs_f64());
+        if connected {
+            route.metrics.injected.inc();
+            route
+                .metrics
+                .upstream_seconds
+                .observe(start.elapsed().as_secs_f64());
+        }
         result
     }
 

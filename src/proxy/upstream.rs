@@ -129,7 +129,6 @@ fn rewrite(
     *out.uri_mut() = uri;
     *out.version_mut() = Version::HTTP_11;
     *out.headers_mut() = headers;
-    route.metrics.injected.inc();
     Ok(out)
 }
 
@@ -140,11 +139,16 @@ struct Timing<'a> {
     start: Instant,
     /// The route's histogram.
     histogram: &'a Histogram,
+    /// Cleared when no connection to the upstream could be made: nothing was sent, nothing is
+    /// observed.
+    sent: bool,
 }
 
 impl Drop for Timing<'_> {
     fn drop(&mut self) {
-        self.histogram.observe(self.start.elapsed().as_secs_f64());
+        if self.sent {
+            self.histogram.observe(self.start.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -152,9 +156,10 @@ impl Drop for Timing<'_> {
 /// processed it (refused, or above an HTTP/2 GOAWAY's last stream id), on a new connection, if
 /// its body can be sent again.
 async fn send(route: &Route, req: Request<ReqBody>) -> Result<Response<Incoming>, ProxyError> {
-    let _timing = Timing {
+    let mut timing = Timing {
         start: Instant::now(),
         histogram: &route.metrics.upstream_seconds,
+        sent: true,
     };
     let client = &route.client;
     let again = copy_if_resendable(&req);
@@ -166,6 +171,14 @@ async fn send(route: &Route, req: Request<ReqBody>) -> Result<Response<Incoming>
         }
         (result, _) => result,
     };
+    // The key counts as injected once the request went out: not when no connection could be
+    // made (a name that does not resolve, a refused connection, a failed TLS handshake).
+    match &result {
+        Err(e) if e.is_connect() => timing.sent = false,
+        _ => {
+            route.metrics.injected.inc();
+        }
+    }
     result.map_err(|e| ProxyError::Unreachable(describe_client_error(&e)))
 }
 
@@ -315,7 +328,8 @@ mod tests {
             assert!(!h.contains_key(gone), "{gone}");
         }
         assert_eq!(h["x-end"], "2");
-        assert_eq!(f.route(0).metrics.injected.get(), 1);
+        // Counted when sent, not when written.
+        assert_eq!(f.route(0).metrics.injected.get(), 0);
     }
 
     #[tokio::test]
