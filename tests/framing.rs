@@ -2427,19 +2427,6 @@ async fn early_answer(
         // client, which fails the exchange when its write meets the upstream's reset before it
         // has read the answer: a race, documented in the README. What may come instead is a
         // prompt 502 naming the failed write, never a hang or another response's bytes.
-        // Known defect, general engine only: now and then (about 1 upload in 30 here) an
-        // early answer from an upstream that then stops reading never reaches the app; no
-        // access-log line is written either, so the exchange is stuck before it completes. Until
-        // it is found, such a case may time out here, but must never bring another response's
-        // bytes. The HTTP/1.1 engine (`Upload::Length`) is held to the full rule.
-        Got::Timeout(bytes)
-            if then == "hold" && !matches!(upload, Upload::Length) && bytes.is_empty() =>
-        {
-            eprintln!(
-                "{upload:?} body, {status}: no answer within 2 s (known general-path defect)"
-            );
-            Ok(())
-        }
         Got::Message(m)
             if then == "close"
                 && !matches!(upload, Upload::Length)

@@ -61,6 +61,13 @@ async fn exchange(out: Outbound) -> Result<Response<RespBody>, ProxyError> {
         body => {
             let (body, done) = ReqBody::watched(body);
             *req.body_mut() = body;
+            if !route.config.http2 || route.config.upstream.scheme == http::uri::Scheme::HTTP {
+                // An HTTP/1.1 connection that carried a streamed body is not used again: after an
+                // early answer it may still be blocked sending the rest, and a request queued on
+                // it behind that would wait for the route's timeout.
+                req.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Some(done)
         }
     };
