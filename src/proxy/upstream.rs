@@ -169,7 +169,13 @@ async fn send(route: &Route, req: Request<ReqBody>) -> Result<Response<Incoming>
         sent: true,
     };
     let client = &route.client;
-    let again = copy_if_resendable(&req);
+    // Only an HTTP/2 connection refuses or cuts unprocessed streams: an HTTP/1.1-only route
+    // keeps no copy of each request for it.
+    let again = if route.config.http2 {
+        copy_if_resendable(&req)
+    } else {
+        None
+    };
     let result = match (client.request(req).await, again) {
         (Err(e), Some(again)) if unprocessed(&e) => {
             tracing::debug!(route = %route.config.name, error = %e,
@@ -211,20 +217,26 @@ fn respond(resp: Response<Incoming>, idle: Duration) -> Result<Response<RespBody
     if let header::Entry::Occupied(mut e) = parts.headers.entry(header::CONTENT_LENGTH) {
         // The client took repeated lengths (lines or a list) only if they agree: keep one value.
         // Beside `Transfer-Encoding` the length is meaningless (RFC 9112 §6.3) and goes.
-        let first = e
-            .get()
-            .to_str()
-            .ok()
-            .and_then(|v| v.split(',').next())
-            .map(str::trim)
-            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|v| HeaderValue::from_str(v).ok());
-        match first {
-            Some(v) if !transfer => {
-                e.insert(v);
-            }
-            _ => {
-                e.remove_entry_mult().1.for_each(drop);
+        let digits = |v: &[u8]| !v.is_empty() && v.iter().all(u8::is_ascii_digit);
+        let mut values = e.iter();
+        let single = values.next().is_some_and(|v| digits(v.as_bytes())) && values.next().is_none();
+        // The common case, one plain length, is left as it is: nothing to allocate.
+        if transfer || !single {
+            let first = e
+                .get()
+                .to_str()
+                .ok()
+                .and_then(|v| v.split(',').next())
+                .map(str::trim)
+                .filter(|v| digits(v.as_bytes()))
+                .and_then(|v| HeaderValue::from_str(v).ok());
+            match first {
+                Some(v) if !transfer => {
+                    e.insert(v);
+                }
+                _ => {
+                    e.remove_entry_mult().1.for_each(drop);
+                }
             }
         }
     }
