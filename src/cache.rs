@@ -38,6 +38,9 @@ use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError};
 pub struct Loaded {
     /// The version they came from.
     pub version_id: Option<String>,
+    /// The secret's text as fetched, kept so that a credential built from it later (a route
+    /// added by a reload, an OAuth2 token minted from client credentials) needs no new fetch.
+    pub value: Secret,
     /// One credential per consumer (route), indexed by the route's slot.
     pub creds: Vec<Credential>,
     /// Set when these credentials come from `AWSPENDING` (see [`Entry::refresh_now`]).
@@ -292,6 +295,7 @@ impl Entry {
             self.set_version_metric(old_version.as_deref(), fetched.version_id.as_deref());
             self.state.store(Some(Arc::new(Loaded {
                 version_id: fetched.version_id,
+                value: fetched.value,
                 creds,
                 pending: None,
             })));
@@ -395,6 +399,7 @@ impl Entry {
         self.set_version_metric(seen.version_id.as_deref(), fetched.version_id.as_deref());
         self.state.store(Some(Arc::new(Loaded {
             version_id: fetched.version_id,
+            value: fetched.value,
             creds,
             pending: Some(PendingHold {
                 refused_version: seen.version_id.clone(),
