@@ -1,8 +1,9 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`.
 //!
 //! - `/healthz`: 200 while the process serves.
-//! - `/readyz`: 200 once every route has a key; 503 naming the routes still waiting and why,
-//!   or while shutting down. The JSON body lists each secret's state (never its value).
+//! - `/readyz`: 200 once every route has a key (an OAuth2 route: a token in force); 503 naming
+//!   the routes still waiting and why, or while shutting down. The JSON body lists each
+//!   secret's state and each OAuth2 token's (never a value).
 //! - `/metrics`: Prometheus text.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,6 +63,26 @@ pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
             })
         })
         .collect();
+    let tokens: Vec<_> = state
+        .cache
+        .tokens()
+        .iter()
+        .map(|t| {
+            let s = t.status();
+            if !s.ready && !waiting.contains(&s.route) {
+                waiting.push(s.route.clone());
+            }
+            json!({
+                "route": s.route,
+                "token_url": s.token_url,
+                "ready": s.ready,
+                "minted_age_seconds": s.age.map(|a| a.as_secs()),
+                "expires_in_seconds": s.expires_in.map(|e| e.as_secs()),
+                "error": s.error.as_ref().map(|e| e.to_string()),
+                "error_kind": s.error.as_ref().map(|e| e.kind()),
+            })
+        })
+        .collect();
     let draining = state.draining.load(Ordering::Relaxed);
     let ready = waiting.is_empty() && !draining;
     let reason = if draining {
@@ -78,6 +99,7 @@ pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
             "reason": reason,
             "waiting": waiting,
             "secrets": secrets,
+            "tokens": tokens,
         }),
     )
 }

@@ -9,6 +9,11 @@
 //! that cannot go in a header) is refused, logged with the secret id and the reason, and the last
 //! good value stays. With `[aws] startup_jitter`, the first fetch waits a random part of it.
 //!
+//! An OAuth2 route (`[route.oauth2]`) renders nothing from the secret: its entry holds the
+//! client credentials, checked for the route's two fields (a version without them is refused
+//! like any unusable value), and the route's [`Slot`] reads the access token that
+//! [`crate::oauth2::Token`] mints from them. [`SecretCache`] owns those tokens and their tasks.
+//!
 //! [`Entry::refresh_now`] is the 401 path: concurrent callers share one fetch (they queue on one
 //! async mutex and find the new value when they get it). A forced fetch that finds nothing newer
 //! starts the `refresh_cooldown`: until it ends, or until a newer value is in force, no other
@@ -29,8 +34,10 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::{self, ThrottleGate};
 use crate::config::RouteConfig;
+use crate::forward::UpstreamClient;
 use crate::inject::{Credential, Injection};
 use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
+use crate::oauth2::Token;
 use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError};
 
 /// The credentials rendered from one version of a secret.
@@ -69,6 +76,30 @@ pub struct Consumer {
     pub field: Option<String>,
     /// How the key is rendered.
     pub injection: Injection,
+}
+
+/// An OAuth2 route's use of an entry: the client credentials' JSON fields, checked on every
+/// version (nothing is rendered from them).
+#[derive(Debug, Clone)]
+pub struct ClientUse {
+    /// Route name.
+    pub route: String,
+    /// JSON field holding the client id.
+    pub id_field: String,
+    /// JSON field holding the client secret.
+    pub secret_field: String,
+}
+
+/// The client id and secret in a version's text; the error says what is wrong, never a value.
+pub fn client_credentials(value: &Secret, use_: &ClientUse) -> Result<(Secret, Secret), String> {
+    let id = extract(value, Some(&use_.id_field))?;
+    let secret = extract(value, Some(&use_.secret_field))?;
+    for (f, v) in [(&use_.id_field, &id), (&use_.secret_field, &secret)] {
+        if v.expose().is_empty() {
+            return Err(format!("JSON field {f:?} is empty"));
+        }
+    }
+    Ok((id, secret))
 }
 
 /// What the admin endpoints report about an entry.
@@ -140,6 +171,8 @@ pub struct Entry {
     /// Staging label.
     pub stage: String,
     consumers: Vec<Consumer>,
+    /// OAuth2 routes whose client credentials this entry holds.
+    clients: Vec<ClientUse>,
     state: ArcSwapOption<Loaded>,
     health: Mutex<Health>,
     /// Held during every fetch: the single-flight point.
@@ -201,7 +234,12 @@ impl Entry {
         EntryStatus {
             secret_id: self.secret_id.clone(),
             stage: self.stage.clone(),
-            routes: self.consumers.iter().map(|c| c.route.clone()).collect(),
+            routes: self
+                .consumers
+                .iter()
+                .map(|c| c.route.clone())
+                .chain(self.clients.iter().map(|c| c.route.clone()))
+                .collect(),
             loaded: cur.is_some(),
             version_id: cur.and_then(|c| c.version_id.clone()),
             age: health.last_success.map(|t| t.elapsed()),
@@ -283,8 +321,13 @@ impl Entry {
                 return Ok(());
             }
         }
+        // The text counts too: client credentials render nothing, and a source without
+        // version ids (a file) changes only its text.
         let changed = current.as_ref().is_none_or(|c| {
-            c.creds != creds || c.version_id != fetched.version_id || c.pending.is_some()
+            c.creds != creds
+                || c.version_id != fetched.version_id
+                || c.value != fetched.value
+                || c.pending.is_some()
         });
         if changed {
             let old_version = current.as_ref().and_then(|c| c.version_id.clone());
@@ -335,6 +378,7 @@ impl Entry {
 
     /// Renders every consumer's credential from `value`, or refuses the value (recorded).
     fn render(&self, value: &Secret) -> Result<Vec<Credential>, SourceError> {
+        self.check_clients(value)?;
         let mut creds = Vec::with_capacity(self.consumers.len());
         for c in &self.consumers {
             let rendered = extract(value, c.field.as_deref())
@@ -356,6 +400,24 @@ impl Entry {
             }
         }
         Ok(creds)
+    }
+
+    /// Refuses `value` (recorded) if an OAuth2 route cannot read its client credentials in it.
+    fn check_clients(&self, value: &Secret) -> Result<(), SourceError> {
+        for c in &self.clients {
+            if let Err(detail) = client_credentials(value, c) {
+                let err = SourceError::Invalid {
+                    id: self.secret_id.clone(),
+                    detail: format!(
+                        "refused for route {:?} (OAuth2 client credentials): {detail}",
+                        c.route
+                    ),
+                };
+                self.record_error(err.clone());
+                return Err(err);
+            }
+        }
+        Ok(())
     }
 
     /// After a 401 that a fresh `AWSCURRENT` did not fix: installs the `AWSPENDING` version, if
@@ -536,13 +598,17 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
-/// Where a route finds its credential: an entry and the route's slot in it.
+/// Where a route finds its credential: a key rendered in a secret's entry, or (OAuth2 routes)
+/// the access token minted from the client credentials in that entry. Both engines go through
+/// [`Slot::current`] and [`Slot::refresh_now`] and need not know which.
 #[derive(Debug, Clone)]
 pub struct Slot {
-    /// The shared entry.
+    /// The shared entry: the key's secret, or the OAuth2 client credentials.
     pub entry: Arc<Entry>,
-    /// Index into [`Loaded::creds`].
+    /// Index into [`Loaded::creds`] (0 for a token: its `Loaded` holds only it).
     pub index: usize,
+    /// The route's access token, for an OAuth2 route.
+    pub token: Option<Arc<Token>>,
 }
 
 impl Slot {
@@ -551,12 +617,45 @@ impl Slot {
     pub fn credential<'a>(&self, loaded: &'a Loaded) -> Option<&'a Credential> {
         loaded.creds.get(self.index)
     }
+
+    /// The credentials in force: one atomic load, no lock, no I/O (a token past its expiry is
+    /// none).
+    #[inline]
+    pub fn current(&self) -> Option<Arc<Loaded>> {
+        match &self.token {
+            Some(t) => t.current(),
+            None => self.entry.current(),
+        }
+    }
+
+    /// The 401 path: fresher credentials than `seen` if they can be had (see
+    /// [`Entry::refresh_now`] and [`Token::refresh_now`]).
+    pub async fn refresh_now(&self, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
+        match &self.token {
+            Some(t) => t.refresh_now(seen).await,
+            None => self.entry.refresh_now(seen).await,
+        }
+    }
+
+    /// Why [`Slot::current`] has nothing: the last error, or that it is still being fetched.
+    pub fn missing(&self) -> String {
+        if let Some(t) = &self.token {
+            return t.missing();
+        }
+        let status = self.entry.status();
+        match status.error {
+            Some(e) => e.to_string(),
+            None => format!("secret {:?} is still being fetched", status.secret_id),
+        }
+    }
 }
 
-/// All entries, and the background tasks that refresh them (aborted on drop).
+/// All entries, the OAuth2 tokens minted from some of them, and the background tasks that
+/// refresh both (aborted on drop).
 #[derive(Debug)]
 pub struct SecretCache {
     entries: Vec<Arc<Entry>>,
+    tokens: Vec<Arc<Token>>,
     tasks: Vec<JoinHandle<()>>,
     /// The longest random delay before the first fetch (the source's start-up jitter).
     startup_jitter: Duration,
@@ -592,7 +691,20 @@ impl SecretCache {
         let mut entries = Vec::new();
         let gate = Arc::new(ThrottleGate::default());
         for ((secret_id, stage), members) in groups {
-            let consumers = members
+            let (clients, renders): (Vec<usize>, Vec<usize>) =
+                members.iter().partition(|&&i| routes[i].oauth2.is_some());
+            let clients = clients
+                .iter()
+                .filter_map(|&i| {
+                    let o = routes[i].oauth2.as_ref()?;
+                    Some(ClientUse {
+                        route: routes[i].name.clone(),
+                        id_field: o.client_id_field.clone(),
+                        secret_field: o.client_secret_field.clone(),
+                    })
+                })
+                .collect();
+            let consumers = renders
                 .iter()
                 .map(|&i| Consumer {
                     route: routes[i].name.clone(),
@@ -623,6 +735,7 @@ impl SecretCache {
                 secret_id,
                 stage,
                 consumers,
+                clients,
                 state: ArcSwapOption::empty(),
                 health: Mutex::new(Health::default()),
                 fetch_lock: tokio::sync::Mutex::new(FetchState::default()),
@@ -634,10 +747,19 @@ impl SecretCache {
                 metrics: metrics.clone(),
                 label,
             });
-            for (index, &i) in members.iter().enumerate() {
+            for (index, &i) in renders.iter().enumerate() {
                 slots[i] = Some(Slot {
                     entry: entry.clone(),
                     index,
+                    token: None,
+                });
+            }
+            // An OAuth2 route's token is added by `add_tokens`; until then it has none.
+            for &i in members.iter().filter(|&&i| routes[i].oauth2.is_some()) {
+                slots[i] = Some(Slot {
+                    entry: entry.clone(),
+                    index: 0,
+                    token: None,
                 });
             }
             entries.push(entry);
@@ -646,6 +768,7 @@ impl SecretCache {
         (
             SecretCache {
                 entries,
+                tokens: Vec::new(),
                 tasks: Vec::new(),
                 startup_jitter: source.startup_jitter(),
             },
@@ -667,6 +790,33 @@ impl SecretCache {
         for e in &self.entries {
             self.tasks.push(tokio::spawn(e.clone().run(delay)));
         }
+        for t in &self.tokens {
+            self.tasks.push(tokio::spawn(t.clone().run()));
+        }
+    }
+
+    /// Gives each OAuth2 route in `routes` its token, minted from the client credentials in its
+    /// slot's entry through `client`, and returns them. Call before [`SecretCache::start`].
+    pub fn add_tokens(
+        &mut self,
+        routes: &[RouteConfig],
+        slots: &mut [Slot],
+        client: &UpstreamClient,
+        metrics: &Arc<Metrics>,
+    ) {
+        for (r, slot) in routes.iter().zip(slots.iter_mut()) {
+            if let Some(settings) = &r.oauth2 {
+                let token = Arc::new(Token::new(
+                    r,
+                    settings.clone(),
+                    slot.entry.clone(),
+                    client.clone(),
+                    metrics.clone(),
+                ));
+                slot.token = Some(token.clone());
+                self.tokens.push(token);
+            }
+        }
     }
 
     /// The entries.
@@ -674,9 +824,15 @@ impl SecretCache {
         &self.entries
     }
 
-    /// Whether every entry has a usable value.
+    /// The OAuth2 tokens.
+    pub fn tokens(&self) -> &[Arc<Token>] {
+        &self.tokens
+    }
+
+    /// Whether every entry has a usable value, and every OAuth2 route a token.
     pub fn ready(&self) -> bool {
         self.entries.iter().all(|e| e.is_loaded())
+            && self.tokens.iter().all(|t| t.current().is_some())
     }
 
     /// Updates the scrape-time gauges (age of each secret).
@@ -801,6 +957,7 @@ mod tests {
             max_replay_body: 1024,
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            oauth2: None,
         }
     }
 

@@ -23,6 +23,9 @@
 //! - [`limits`]: limits and timeouts both engines apply.
 //! - [`cache`]: one `ArcSwap` entry per (secret, stage); background refresh with jitter and
 //!   backoff; single-flight, rate-limited refresh for the 401 path.
+//! - [`oauth2`]: `[route.oauth2]` routes: an access token minted from client credentials held
+//!   in the cache, kept fresh in the background, re-minted on a 401; [`oauth2::endpoint`]: the
+//!   token endpoint's HTTP side, shared with [`rotation`].
 //! - [`backoff`]: full-jitter retry windows, and the process-wide pause after a throttle.
 //! - [`retry`]: keeps request bodies up to `max_replay_body` so a 401 can be replayed.
 //! - [`forward`]: the pooled rustls upstream client (hyper); hop-by-hop header handling.
@@ -52,6 +55,7 @@ pub mod h1;
 pub mod inject;
 pub mod limits;
 pub mod metrics;
+pub mod oauth2;
 pub mod pool;
 pub mod proxy;
 pub mod retry;

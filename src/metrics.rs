@@ -68,6 +68,15 @@ pub struct SecretVersionLabel {
     pub version_id: String,
 }
 
+/// Route and the result of an OAuth2 token mint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteResult {
+    /// Route name.
+    pub route: String,
+    /// `ok`, or an error kind such as `unreachable` or `invalid_client`.
+    pub result: String,
+}
+
 /// All metrics of one proxy.
 pub struct Metrics {
     registry: Registry,
@@ -85,6 +94,8 @@ pub struct Metrics {
     pub secret_stale: Family<SecretLabel, Gauge>,
     /// 1 for the version id served now.
     pub secret_version: Family<SecretVersionLabel, Gauge>,
+    /// OAuth2 access tokens minted, by route and result (`[route.oauth2]`).
+    pub oauth2_mints: Family<RouteResult, Counter>,
     /// Open app connections.
     pub connections: Gauge,
     /// App connections refused over `max_connections`.
@@ -124,6 +135,7 @@ impl Metrics {
             secret_age: Family::default(),
             secret_stale: Family::default(),
             secret_version: Family::default(),
+            oauth2_mints: Family::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
             registry: Registry::default(),
@@ -177,6 +189,11 @@ impl Metrics {
             "secret_version",
             "1 for the version id currently served",
             m.secret_version.clone(),
+        );
+        registry.register(
+            "oauth2_mints",
+            "OAuth2 access token mints at the token endpoint, by route and result",
+            m.oauth2_mints.clone(),
         );
         registry.register("connections", "Open app connections", m.connections.clone());
         registry.register(

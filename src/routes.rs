@@ -35,23 +35,21 @@ pub struct Route {
 }
 
 impl Route {
-    /// The route's credentials now: one atomic load, no lock, no I/O. No key yet: the error says
-    /// why (still being fetched, or the last fetch's error).
+    /// The route's credentials now: one atomic load, no lock, no I/O. No key yet (or an OAuth2
+    /// token that expired): the error says why (still being fetched or minted, or the last
+    /// error).
     pub fn current(&self) -> Result<Arc<Loaded>, ProxyError> {
-        self.slot.entry.current().ok_or_else(|| {
-            let status = self.slot.entry.status();
-            ProxyError::NoKey(match status.error {
-                Some(e) => e.to_string(),
-                None => format!("secret {:?} is still being fetched", status.secret_id),
-            })
-        })
+        self.slot
+            .current()
+            .ok_or_else(|| ProxyError::NoKey(self.slot.missing()))
     }
 
     /// The 401 decision, the same on both engines: the credentials to replay with, if a refresh
-    /// (single-flight, rate-limited by the cache) finds ones newer than `seen` that render to a
-    /// different credential for this route. `None`: pass the 401 through.
+    /// (single-flight, rate-limited by the cache; for an OAuth2 route, a new mint) finds ones
+    /// newer than `seen` that render to a different credential for this route. `None`: pass
+    /// the 401 through.
     pub async fn fresher(&self, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
-        let fresh = self.slot.entry.refresh_now(seen).await?;
+        let fresh = self.slot.refresh_now(seen).await?;
         let old = self.slot.credential(seen);
         let new = self.slot.credential(&fresh);
         if new.is_some() && new != old {

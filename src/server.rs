@@ -1,7 +1,7 @@
 //! Wiring: bind the listeners, start the cache, serve until shutdown, drain.
 //!
 //! [`run`] builds everything from a validated [`Config`], binds both listeners (the app's and the
-//! admin's), fetches secrets in the background, and serves until `shutdown` resolves. Then it
+//! admin's), fetches secrets (and mints OAuth2 tokens) in the background, and serves until `shutdown` resolves. Then it
 //! stops accepting, turns `/readyz` to 503, lets in-flight requests finish for up to
 //! `drain_timeout`, and returns.
 
@@ -87,7 +87,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         })?;
 
     let source = source(&config).await;
-    let (mut cache, slots) = SecretCache::new(&config.routes, source.clone(), metrics.clone());
+    let (mut cache, mut slots) = SecretCache::new(&config.routes, source.clone(), metrics.clone());
+    // OAuth2 routes: the token endpoint speaks HTTP/1.1 like any small API.
+    let token_client = forward::client_with(config.connect_timeout, tls.clone(), false);
+    cache.add_tokens(&config.routes, &mut slots, &token_client, &metrics);
     cache.start();
     let cache = Arc::new(cache);
     let routes = Arc::new(Routes::new(

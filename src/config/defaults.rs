@@ -122,3 +122,18 @@ pub const RETRY_ON_401: bool = true;
 /// `http2`: HTTP/1.1 keep-alive to the upstream by default (the fast path: less CPU per
 /// request than HTTP/2 in `benches/run`); `true` offers HTTP/2 by ALPN.
 pub const HTTP2: bool = false;
+
+// OAuth2 routes (`[route.oauth2]`).
+
+/// `oauth2.client_auth`.
+pub const OAUTH2_CLIENT_AUTH: &str = "basic";
+/// `oauth2.client_id_field`.
+pub const OAUTH2_CLIENT_ID_FIELD: &str = "client_id";
+/// `oauth2.client_secret_field`.
+pub const OAUTH2_CLIENT_SECRET_FIELD: &str = "client_secret";
+/// `oauth2.refresh_ahead`: mint the next token this long before the current one expires (at
+/// most half the token's lifetime).
+pub const OAUTH2_REFRESH_AHEAD: DurationSetting = DurationSetting {
+    default: Duration::from_secs(60),
+    min: Duration::ZERO,
+};

@@ -108,6 +108,7 @@ fn route(env: &HashMap<String, String>, problems: &mut Problems) -> RawRoute {
         max_replay_body: get("KEYPROXY_MAX_REPLAY_BODY").map(SizeValue::Text),
         timeout: get("KEYPROXY_TIMEOUT"),
         idle_timeout: get("KEYPROXY_IDLE_TIMEOUT"),
+        oauth2: None,
     }
 }
 

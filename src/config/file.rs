@@ -87,6 +87,19 @@ pub(super) struct RawRoute {
     pub(super) max_replay_body: Option<SizeValue>,
     pub(super) timeout: Option<String>,
     pub(super) idle_timeout: Option<String>,
+    pub(super) oauth2: Option<RawOAuth2>,
+}
+
+/// `[route.oauth2]`.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawOAuth2 {
+    pub(super) token_url: Option<String>,
+    pub(super) scope: Option<String>,
+    pub(super) audience: Option<String>,
+    pub(super) client_auth: Option<String>,
+    pub(super) client_id_field: Option<String>,
+    pub(super) client_secret_field: Option<String>,
+    pub(super) refresh_ahead: Option<String>,
 }
 
 /// The most values of the wrong type reported from one file (each costs a parse).

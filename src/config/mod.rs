@@ -15,7 +15,7 @@
 //! - `validate`: raw settings → [`Config`], one small check per setting, by section: `global`
 //!   (listeners, timeouts, limits, CA bundle), `source` (`[source]`, `[aws]`), `app_auth`,
 //!   `route` (each `[[route]]`, the route list, [`parse_upstream`]), `injection` (header or
-//!   query parameter, value template).
+//!   query parameter, value template), `oauth2` (`[route.oauth2]`).
 //! - [`defaults`]: every default value and bound, as named constants.
 
 use std::collections::HashMap;
@@ -149,6 +149,40 @@ pub struct RouteConfig {
     /// Longest gap allowed between two chunks of the upstream's response body
     /// ([`defaults::IDLE_TIMEOUT`]).
     pub idle_timeout: Duration,
+    /// `[route.oauth2]`: the secret holds OAuth2 client credentials, and the key injected is an
+    /// access token minted from them ([`crate::oauth2`]).
+    pub oauth2: Option<OAuth2Config>,
+}
+
+/// `[route.oauth2]`: how to mint the route's access token (OAuth 2.0 client credentials grant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuth2Config {
+    /// `token_url`: https, or http to a loopback host.
+    pub token_url: http::Uri,
+    /// `scope`, sent when set.
+    pub scope: Option<String>,
+    /// `audience`, sent when set.
+    pub audience: Option<String>,
+    /// `client_auth`: how the client authenticates ([`defaults::OAUTH2_CLIENT_AUTH`]).
+    pub client_auth: ClientAuth,
+    /// `client_id_field`: the secret's JSON field holding the client id
+    /// ([`defaults::OAUTH2_CLIENT_ID_FIELD`]).
+    pub client_id_field: String,
+    /// `client_secret_field`: the secret's JSON field holding the client secret
+    /// ([`defaults::OAUTH2_CLIENT_SECRET_FIELD`]).
+    pub client_secret_field: String,
+    /// `refresh_ahead`: the next token is minted this long before the current one expires, at
+    /// most half its lifetime ([`defaults::OAUTH2_REFRESH_AHEAD`]).
+    pub refresh_ahead: Duration,
+}
+
+/// How the client authenticates at the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `basic`: `client_secret_basic`, HTTP Basic with the form-encoded id and secret.
+    Basic,
+    /// `post`: `client_secret_post`, the id and secret as form fields of the body.
+    Post,
 }
 
 /// A parsed upstream base URL.

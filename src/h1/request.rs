@@ -74,7 +74,7 @@ impl Conn<'_> {
         if route.pool.is_none() || check_path(path).is_err() {
             return Parsed::Handoff;
         }
-        let Some(loaded) = route.slot.entry.current() else {
+        let Some(loaded) = route.slot.current() else {
             return Parsed::Handoff;
         };
         if route.slot.credential(&loaded).is_none() {

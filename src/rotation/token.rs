@@ -12,22 +12,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{HeaderName, ACCEPT, CONTENT_TYPE, USER_AGENT};
 use http::{Method, Request, Uri};
-use http_body_util::{BodyExt, Limited};
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{Map, Value};
 
 use super::StepError;
 use crate::body::ProxyBody;
 use crate::forward::UpstreamClient;
 use crate::inject::{self, Credential, Injection, Template};
+pub use crate::oauth2::endpoint::shown;
+use crate::oauth2::endpoint::{self, error_code, form_encode, secure_url, Answer, UrlProblem};
 use crate::secrets::Secret;
 
 /// Fields of the token endpoint's answer tried, in order, when `token_field` is not set.
 pub const DEFAULT_TOKEN_FIELDS: [&str; 2] = ["access_token", "token"];
 /// The field of the rotated secret that holds the key, unless `secret_field` says otherwise.
 pub const DEFAULT_SECRET_FIELD: &str = "token";
-/// The largest answer read from the token endpoint or the test URL.
-const MAX_ANSWER: usize = 64 * 1024;
 
 /// Every field a master secret may have.
 const MASTER_FIELDS: [&str; 12] = [
@@ -94,46 +92,21 @@ impl fmt::Debug for Master {
     }
 }
 
-/// A URL as it may appear in logs and errors: scheme, host, port and path; no user info, no
-/// query (either could carry a credential).
-pub fn shown(uri: &Uri) -> String {
-    let scheme = uri.scheme_str().unwrap_or("?");
-    let host = uri.host().unwrap_or("?");
-    match uri.port_u16() {
-        Some(p) => format!("{scheme}://{host}:{p}{}", uri.path()),
-        None => format!("{scheme}://{host}{}", uri.path()),
-    }
-}
-
-/// Whether `host` is a loopback name or address (`localhost`, `127.0.0.0/8`, `::1`).
-fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// Parses a URL field: absolute, https, or http to a loopback host only.
 fn url_field(master: &str, field: &'static str, text: &str) -> Result<Uri, StepError> {
     let bad = |detail: String| StepError::Master {
         id: master.to_owned(),
         detail,
     };
-    let uri: Uri = text
-        .parse()
-        .map_err(|_| bad(format!("{field} is not a valid URL")))?;
-    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
-        return Err(bad(format!(
+    match secure_url(text) {
+        Ok(uri) => Ok(uri),
+        Err(UrlProblem::Invalid) => Err(bad(format!("{field} is not a valid URL"))),
+        Err(UrlProblem::NotAbsolute) => Err(bad(format!(
             "{field} must be an absolute URL (https://host/path)"
-        )));
-    };
-    match scheme {
-        "https" => Ok(uri),
-        "http" if is_loopback(host) => Ok(uri),
-        _ => Err(StepError::InsecureUrl {
+        ))),
+        Err(UrlProblem::Insecure) => Err(StepError::InsecureUrl {
             field,
-            url: shown(&uri),
+            url: text.parse().map(|u: Uri| shown(&u)).unwrap_or_default(),
         }),
     }
 }
@@ -278,42 +251,6 @@ impl Master {
     }
 }
 
-/// Characters left as they are in a form value; everything else is percent-encoded.
-const FORM_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~')
-    .remove(b'*');
-
-/// `application/x-www-form-urlencoded` (spaces as `%20`, which every decoder accepts).
-pub fn form_encode(fields: &[(&str, &str)]) -> Bytes {
-    let text = fields
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}={}",
-                utf8_percent_encode(k, FORM_ENCODE),
-                utf8_percent_encode(v, FORM_ENCODE)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("&");
-    Bytes::from(text)
-}
-
-/// An OAuth-style `error` code from an error answer, if it is short and plain enough to log.
-fn error_code(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    let code = v.get("error")?.as_str()?;
-    let plain = !code.is_empty()
-        && code.len() <= 64
-        && code
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-    plain.then(|| code.to_owned())
-}
-
 /// The HTTP side of rotation: one pooled client and a per-call time limit.
 #[derive(Clone)]
 pub struct TokenClient {
@@ -331,47 +268,29 @@ impl fmt::Debug for TokenClient {
     }
 }
 
-/// What one call returned.
-struct Answer {
-    status: u16,
-    body: Bytes,
-}
-
 impl TokenClient {
     /// A client allowing `timeout` per call.
     pub fn new(client: UpstreamClient, timeout: Duration) -> TokenClient {
         TokenClient { client, timeout }
     }
 
-    /// Sends `req` and reads the answer (up to 64 KiB) within the time limit.
+    /// Sends `req` and reads the answer (bounded) within the time limit.
     async fn call(
         &self,
         what: &'static str,
         url: &Uri,
         req: Request<ProxyBody>,
     ) -> Result<Answer, CallError> {
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| CallError::Failed(crate::secrets::aws::error_chain(&e)))?;
-            let status = resp.status().as_u16();
-            let body = Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| CallError::Failed(format!("reading the answer: {e}")))?
-                .to_bytes();
-            Ok(Answer { status, body })
-        };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Timeout {
-                what,
-                url: shown(url),
-                timeout: self.timeout,
-            }),
-        }
+        endpoint::call(&self.client, self.timeout, req)
+            .await
+            .map_err(|e| match e {
+                endpoint::CallError::Timeout(timeout) => CallError::Timeout {
+                    what,
+                    url: shown(url),
+                    timeout,
+                },
+                endpoint::CallError::Failed(d) => CallError::Failed(d),
+            })
     }
 
     /// Mints a new key at the master secret's token endpoint.
@@ -559,14 +478,6 @@ mod tests {
     }
 
     #[test]
-    fn form_encoding_escapes() {
-        assert_eq!(
-            form_encode(&[("a", "x y&z=1+2/é")]),
-            "a=x%20y%26z%3D1%2B2%2F%C3%A9"
-        );
-    }
-
-    #[test]
     fn errors_name_fields_never_values() {
         let cases = [
             (
@@ -641,42 +552,5 @@ mod tests {
             e.contains("not JSON") && !e.contains("cs_very_secret"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn loopback_http_is_allowed() {
-        for u in [
-            "http://127.0.0.1:8/t",
-            "http://localhost/t",
-            "http://[::1]:9/t",
-            "https://x/t",
-        ] {
-            url_field("m", "token_url", u).unwrap_or_else(|e| panic!("{u}: {e}"));
-        }
-        for u in [
-            "http://example.com/t",
-            "ftp://127.0.0.1/t",
-            "http://127.0.0.1.example.com/t",
-        ] {
-            assert!(url_field("m", "token_url", u).is_err(), "{u}");
-        }
-    }
-
-    #[test]
-    fn urls_are_shown_without_credentials() {
-        let u: Uri = "https://user:pw@auth.example.com:8443/oauth/token?client_secret=s"
-            .parse()
-            .expect("uri");
-        assert_eq!(shown(&u), "https://auth.example.com:8443/oauth/token");
-    }
-
-    #[test]
-    fn oauth_error_codes_are_kept_only_when_plain() {
-        assert_eq!(
-            error_code(br#"{"error":"invalid_client"}"#).as_deref(),
-            Some("invalid_client")
-        );
-        assert_eq!(error_code(br#"{"error":"secret abc: bad"}"#), None);
-        assert_eq!(error_code(b"nope"), None);
     }
 }

@@ -8,6 +8,8 @@
 //! - `app_auth`: the app-side token.
 //! - `route`: each `[[route]]` and the list as a whole (names, prefixes and hosts unique).
 //! - `injection`: where a route's key goes (header or query parameter) and its template.
+//! - `oauth2`: `[route.oauth2]`, a route whose key is an access token minted from client
+//!   credentials.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use crate::secrets::aws::AwsSettings;
 mod app_auth;
 mod global;
 mod injection;
+mod oauth2;
 mod route;
 mod source;
 

@@ -8,7 +8,7 @@ use http::header::HeaderValue;
 use http::uri::{Authority, Scheme};
 use http::Uri;
 
-use super::{duration, injection};
+use super::{duration, injection, oauth2};
 use crate::config::defaults::{self, DurationSetting};
 use crate::config::file::{RawRoute, SizeValue};
 use crate::config::names::Namer;
@@ -93,8 +93,13 @@ impl Seen {
 }
 
 /// One route; `None` if any of its settings has a problem. `k` names its keys.
-fn route(r: RawRoute, k: &dyn Fn(&str) -> String, problems: &mut Problems) -> Option<RouteConfig> {
+fn route(
+    mut r: RawRoute,
+    k: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) -> Option<RouteConfig> {
     let before = problems.len();
+    let oauth2 = oauth2::oauth2(&mut r, k, problems);
     let name = name(r.name, k("name"), problems);
     let path_prefix = r
         .path_prefix
@@ -147,6 +152,7 @@ fn route(r: RawRoute, k: &dyn Fn(&str) -> String, problems: &mut Problems) -> Op
         max_replay_body,
         timeout,
         idle_timeout,
+        oauth2,
     })
 }
 
