@@ -197,9 +197,18 @@ impl std::fmt::Debug for Token {
 }
 
 /// What a 2xx answer held.
+#[derive(Debug)]
 struct Issued {
     token: Secret,
     lifetime: Option<Duration>,
+}
+
+/// A mint's result: the token, and when its request was sent (its lifetime counts from then, so
+/// keyproxy never holds a token longer than the endpoint does).
+struct Fresh {
+    issued: Issued,
+    loaded: Arc<Loaded>,
+    sent: Instant,
 }
 
 impl Token {
@@ -332,8 +341,11 @@ impl Token {
         };
         self.metrics.oauth2_mints.get_or_create(&label).inc();
         match result {
-            Ok((issued, loaded)) => {
-                let now = Instant::now();
+            Ok(Fresh {
+                issued,
+                loaded,
+                sent: now,
+            }) => {
                 let expires = issued.lifetime.map(|l| now + l);
                 let renew = issued.lifetime.map(|l| {
                     let ahead = self.settings.refresh_ahead.min(l / 2);
@@ -366,7 +378,7 @@ impl Token {
     }
 
     /// One call to the token endpoint with the client credentials in force.
-    async fn mint_once(&self) -> Result<(Issued, Arc<Loaded>), MintError> {
+    async fn mint_once(&self) -> Result<Fresh, MintError> {
         let secret = self.entry.current().ok_or_else(|| {
             MintError::Credentials(format!("secret {:?} is not loaded", self.entry.secret_id))
         })?;
@@ -407,6 +419,7 @@ impl Token {
         let req = req
             .body(ProxyBody::full(endpoint::form_encode(&fields)))
             .map_err(|_| self.bad_answer("cannot build the request".into()))?;
+        let sent = Instant::now();
         let answer = endpoint::call(&self.client, MINT_TIMEOUT, req)
             .await
             .map_err(|e| match e {
@@ -441,7 +454,7 @@ impl Token {
                 }
             });
         }
-        let issued = self.parse(&answer.body)?;
+        let issued = parse(&answer.body).map_err(|d| self.bad_answer(d))?;
         let cred = self
             .injection
             .render(&issued.token)
@@ -452,7 +465,11 @@ impl Token {
             creds: vec![cred],
             pending: None,
         });
-        Ok((issued, loaded))
+        Ok(Fresh {
+            issued,
+            loaded,
+            sent,
+        })
     }
 
     fn bad_answer(&self, detail: String) -> MintError {
@@ -460,53 +477,6 @@ impl Token {
             url: self.url.clone(),
             detail,
         }
-    }
-
-    /// The token and its lifetime from a 2xx answer (RFC 6749 §5.1).
-    fn parse(&self, body: &[u8]) -> Result<Issued, MintError> {
-        let doc: Value = serde_json::from_slice(body)
-            .map_err(|_| self.bad_answer("the answer is not JSON".into()))?;
-        let Value::Object(obj) = doc else {
-            return Err(self.bad_answer("the answer is not a JSON object".into()));
-        };
-        let token = match obj.get("access_token") {
-            Some(Value::String(s)) if !s.is_empty() => Secret::new(s.clone()),
-            Some(_) => return Err(self.bad_answer("access_token is not a non-empty string".into())),
-            None => return Err(self.bad_answer("the answer has no access_token".into())),
-        };
-        match obj.get("token_type") {
-            None => {}
-            Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
-            Some(Value::String(t)) => {
-                let shown: String = t
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || "-_".contains(*c))
-                    .take(32)
-                    .collect();
-                return Err(self.bad_answer(format!(
-                    "token_type {shown:?} is not Bearer (keyproxy injects bearer tokens only)"
-                )));
-            }
-            Some(_) => return Err(self.bad_answer("token_type is not a string".into())),
-        }
-        let seconds = match obj.get("expires_in") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(Value::String(s)) => Some(
-                s.trim()
-                    .parse::<f64>()
-                    .map_err(|_| self.bad_answer("expires_in is not a number".into()))?,
-            ),
-            Some(_) => return Err(self.bad_answer("expires_in is not a number".into())),
-        };
-        let lifetime = match seconds {
-            None => None,
-            Some(s) if s.is_finite() && s > 0.0 => {
-                Some(Duration::from_secs_f64(s.min(MAX_DURATION.as_secs_f64())))
-            }
-            Some(_) => return Err(self.bad_answer("expires_in is not a positive number".into())),
-        };
-        Ok(Issued { token, lifetime })
     }
 
     /// The background loop: the first mint once the client credentials are loaded, then each
@@ -552,6 +522,92 @@ impl Token {
                 }
             };
             tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The token and its lifetime from a 2xx answer (RFC 6749 §5.1). The error says what is wrong,
+/// never a value (a `token_type` is shown only as its letters, at most 32).
+fn parse(body: &[u8]) -> Result<Issued, String> {
+    let doc: Value = serde_json::from_slice(body).map_err(|_| "the answer is not JSON")?;
+    let Value::Object(obj) = doc else {
+        return Err("the answer is not a JSON object".into());
+    };
+    let token = match obj.get("access_token") {
+        Some(Value::String(s)) if !s.is_empty() => Secret::new(s.clone()),
+        Some(_) => return Err("access_token is not a non-empty string".into()),
+        None => return Err("the answer has no access_token".into()),
+    };
+    match obj.get("token_type") {
+        None => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(Value::String(t)) => {
+            let shown: String = t
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "-_".contains(*c))
+                .take(32)
+                .collect();
+            return Err(format!(
+                "token_type {shown:?} is not Bearer (keyproxy injects bearer tokens only)"
+            ));
+        }
+        Some(_) => return Err("token_type is not a string".into()),
+    }
+    let seconds = match obj.get("expires_in") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => Some(
+            s.trim()
+                .parse::<f64>()
+                .map_err(|_| "expires_in is not a number")?,
+        ),
+        Some(_) => return Err("expires_in is not a number".into()),
+    };
+    match seconds {
+        None => Ok(Issued {
+            token,
+            lifetime: None,
+        }),
+        Some(s) if s.is_finite() && s > 0.0 => Ok(Issued {
+            token,
+            lifetime: Some(Duration::from_secs_f64(s.min(MAX_DURATION.as_secs_f64()))),
+        }),
+        Some(_) => Err("expires_in is not a positive number".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_parsed_by_rfc_6749() {
+        let ok = |b: &str| parse(b.as_bytes()).expect(b);
+        let t = ok(r#"{"access_token":"at1","token_type":"bearer","expires_in":3600}"#);
+        assert_eq!(t.token.expose(), "at1");
+        assert_eq!(t.lifetime, Some(Duration::from_secs(3600)));
+        let t = ok(r#"{"access_token":"at1","token_type":"Bearer","expires_in":"2.5"}"#);
+        assert_eq!(t.lifetime, Some(Duration::from_millis(2500)));
+        assert_eq!(ok(r#"{"access_token":"at1"}"#).lifetime, None);
+        for (body, why) in [
+            ("nope", "not JSON"),
+            ("[1]", "not a JSON object"),
+            (r#"{"token":"x"}"#, "no access_token"),
+            (r#"{"access_token":5}"#, "not a non-empty string"),
+            (
+                r#"{"access_token":"x","token_type":"mac"}"#,
+                "\"mac\" is not Bearer",
+            ),
+            (
+                r#"{"access_token":"x","expires_in":"soon"}"#,
+                "not a number",
+            ),
+            (r#"{"access_token":"x","expires_in":0}"#, "not a positive"),
+            (r#"{"access_token":"x","expires_in":[1]}"#, "not a number"),
+        ] {
+            let e = parse(body.as_bytes()).expect_err(body);
+            assert!(e.contains(why), "{body}: {e}");
+            assert!(!e.contains("\"x\""), "{e}");
         }
     }
 }
