@@ -1023,6 +1023,47 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_oauth2_route_needs_its_client_credentials_and_renders_nothing() {
+        let mut oauth = route("crm", None);
+        oauth.oauth2 = Some(crate::config::OAuth2Config {
+            token_url: "https://auth.example/token".parse().expect("uri"),
+            scope: None,
+            audience: None,
+            client_auth: crate::config::ClientAuth::Basic,
+            client_id_field: "client_id".into(),
+            client_secret_field: "client_secret".into(),
+            refresh_ahead: Duration::from_secs(60),
+        });
+        let src = FakeSource::new(r#"{"client_id":"i","client_secret":"cs_1"}"#);
+        let (_c, slots) = SecretCache::new(
+            &[route("a", Some("client_id")), oauth],
+            src.clone(),
+            Arc::new(Metrics::new()),
+        );
+        let e = &slots[1].entry;
+        assert!(Arc::ptr_eq(e, &slots[0].entry), "one entry for the secret");
+        e.refresh().await.expect("first");
+        let l = e.current().expect("loaded");
+        assert_eq!(l.creds.len(), 1, "only the key route renders");
+        assert_eq!(header(&l, slots[0].index), "Bearer i");
+        assert_eq!(e.status().routes, vec!["a", "crm"]);
+        for (bad, why) in [
+            (r#"{"client_id":"i"}"#, "\"client_secret\" is missing"),
+            (r#"{"client_id":"i","client_secret":7}"#, "not a string"),
+            (r#"{"client_id":"i","client_secret":""}"#, "is empty"),
+        ] {
+            src.set(bad, "v2");
+            let err = e.refresh().await.expect_err("refused").to_string();
+            assert!(err.contains(why) && err.contains("crm"), "{bad}: {err}");
+            assert!(Arc::ptr_eq(&e.current().expect("kept"), &l));
+        }
+        // A new client secret under the same version id (a file source) is still taken.
+        src.set(r#"{"client_id":"i","client_secret":"cs_2"}"#, "v1");
+        e.refresh().await.expect("new text");
+        assert!(e.current().expect("l").value.expose().contains("cs_2"));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn failures_serve_stale_and_recover() {
         let src = FakeSource::new("k1");
         let (_c, slots) =

@@ -510,26 +510,11 @@ async fn an_unreachable_endpoint_is_named_in_the_503() {
     kp.assert_nowhere(&[FIRST_SECRET]).await;
 }
 
-#[test]
-fn check_names_each_oauth2_problem() {
+/// `keyproxy check --config FILE` for `text`: the exit code and stderr.
+fn check(text: &str) -> (Option<i32>, String) {
     let dir = scratch("oauth2-check");
     let path = dir.join("k.toml");
-    std::fs::write(
-        &path,
-        r#"[[route]]
-name = "crm"
-path_prefix = "/crm"
-upstream = "https://api.crm.example/v2"
-secret_id = "prod/crm/client"
-query_param = "key"
-[route.oauth2]
-token_url = "http://auth.crm.example/oauth2/token"
-client_auth = "jwt"
-refresh_ahead = "soon"
-audiense = "x"
-"#,
-    )
-    .expect("write");
+    std::fs::write(&path, text).expect("write");
     let out = std::process::Command::new(binary())
         .arg("check")
         .arg("--config")
@@ -537,8 +522,32 @@ audiense = "x"
         .env_clear()
         .output()
         .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const CRM: &str = r#"[[route]]
+name = "crm"
+path_prefix = "/crm"
+upstream = "https://api.crm.example/v2"
+secret_id = "prod/crm/client"
+"#;
+
+#[test]
+fn check_names_each_oauth2_problem() {
+    let (code, err) = check(&format!(
+        r#"{CRM}query_param = "key"
+[route.oauth2]
+token_url = "http://auth.crm.example/oauth2/token"
+client_auth = "jwt"
+refresh_ahead = "soon"
+audiense = "x"
+"#
+    ));
+    assert_eq!(code, Some(64), "{err}");
     for key in [
         "query_param",
         "oauth2.token_url",
@@ -552,14 +561,8 @@ audiense = "x"
         );
     }
     // The issue's example is valid.
-    std::fs::write(
-        &path,
-        r#"[[route]]
-name = "crm"
-path_prefix = "/crm"
-upstream = "https://api.crm.example/v2"
-secret_id = "prod/crm/client"
-[route.oauth2]
+    let (code, err) = check(&format!(
+        r#"{CRM}[route.oauth2]
 token_url = "https://auth.crm.example/oauth2/token"
 scope = "contacts.read"
 audience = "https://api.crm.example"
@@ -567,21 +570,7 @@ client_auth = "basic"
 client_id_field = "client_id"
 client_secret_field = "client_secret"
 refresh_ahead = "60s"
-"#,
-    )
-    .expect("write");
-    let out = std::process::Command::new(binary())
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .env_clear()
-        .output()
-        .expect("run");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::remove_dir_all(dir);
+"#
+    ));
+    assert_eq!(code, Some(0), "{err}");
 }
