@@ -222,6 +222,11 @@ impl Entry {
         self.state.load_full()
     }
 
+    /// Whether Secrets Manager is throttling this process (no extra read should be made).
+    pub fn throttled(&self) -> bool {
+        self.gate.closed_for().is_some()
+    }
+
     /// Whether a usable value is loaded.
     pub fn is_loaded(&self) -> bool {
         self.state.load().is_some()

@@ -9,12 +9,14 @@
 //!
 //! - One background task per token mints the first one (once the client credentials are
 //!   loaded), then the next one `refresh_ahead` (at most half the lifetime) before `expires_in`
-//!   runs out. A token without `expires_in` is kept until the upstream refuses it.
+//!   runs out, and never sooner than 1 s after the last. A token without `expires_in` is kept
+//!   until the upstream refuses it.
 //! - Every mint holds one async lock: concurrent needs (the task, 401s) share one.
 //! - A 401 from the upstream mints once ([`Token::refresh_now`]), at most once per
 //!   `refresh_cooldown`, and the request is replayed with the new token.
 //! - The token endpoint refusing the client (401, or `invalid_client`) makes keyproxy re-read
-//!   the secret and try once more: the client secret may have rotated since the last read.
+//!   the secret and try once more: the client secret may have rotated since the last read (at
+//!   most one re-read per `refresh_cooldown`, none while Secrets Manager throttles).
 //! - A failing endpoint: the token in force is served until it expires, then the route answers
 //!   `503 no_key` naming the cause; the task retries after a full-jitter backoff
 //!   ([`crate::backoff`]).
@@ -51,6 +53,9 @@ pub const MINT_TIMEOUT: Duration = Duration::from_secs(10);
 const CREDENTIALS_POLL: Duration = Duration::from_millis(200);
 /// The longest the background task sleeps at a time (a token without `expires_in`).
 const IDLE: Duration = Duration::from_secs(3600);
+/// The shortest time between two background mints, whatever the lifetime: an endpoint that
+/// issues tokens of a few milliseconds does not make a hot loop.
+const MIN_RENEW: Duration = Duration::from_secs(1);
 /// The largest retry window while a token is in force (else [`backoff::UNLOADED_CAP`]).
 const RETRY_CAP: Duration = Duration::from_secs(60);
 
@@ -162,6 +167,9 @@ pub struct TokenStatus {
 struct MintState {
     /// When the last 401 caused a mint.
     last_forced: Option<Instant>,
+    /// When the endpoint's refusal last made keyproxy re-read the secret (at most once per
+    /// `refresh_cooldown`).
+    last_reread: Option<Instant>,
 }
 
 /// An OAuth2 route's access token, and how to mint it.
@@ -302,14 +310,14 @@ impl Token {
             return cur;
         }
         guard.last_forced = Some(now);
-        let _ = self.mint_locked("401").await;
+        let _ = self.mint_locked(&mut guard, "401").await;
         self.current()
     }
 
     /// Mints now unless a mint since `seen` (the state the caller planned from) already
     /// replaced it: concurrent callers share one mint.
     async fn mint_after(&self, seen: &Option<Arc<Minted>>) -> Result<(), MintError> {
-        let _guard = self.mint_lock.lock().await;
+        let mut guard = self.mint_lock.lock().await;
         let cur = self.state.load_full();
         let same = match (&cur, seen) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -319,16 +327,24 @@ impl Token {
         if !same {
             return Ok(());
         }
-        self.mint_locked("refresh").await
+        self.mint_locked(&mut guard, "refresh").await
     }
 
     /// One mint, and once more after re-reading the secret if the endpoint refused the client.
     /// Installs the token, or records the error. Callers hold `mint_lock`.
-    async fn mint_locked(&self, reason: &'static str) -> Result<(), MintError> {
+    async fn mint_locked(
+        &self,
+        state: &mut MintState,
+        reason: &'static str,
+    ) -> Result<(), MintError> {
         let mut result = self.mint_once().await;
-        if let Err(MintError::Refused { .. }) = &result {
+        let now = Instant::now();
+        let may_reread =
+            state.last_reread.is_none_or(|t| now - t >= self.cooldown) && !self.entry.throttled();
+        if matches!(result, Err(MintError::Refused { .. })) && may_reread {
             tracing::info!(route = %self.route, secret = %self.entry.secret_id,
                 "the token endpoint refused the client credentials; reading the secret again");
+            state.last_reread = Some(now);
             let _ = self.entry.refresh().await;
             result = self.mint_once().await;
         }
@@ -349,7 +365,7 @@ impl Token {
                 let expires = issued.lifetime.map(|l| now + l);
                 let renew = issued.lifetime.map(|l| {
                     let ahead = self.settings.refresh_ahead.min(l / 2);
-                    now + (l - ahead)
+                    now + (l - ahead).max(MIN_RENEW)
                 });
                 tracing::info!(route = %self.route, token_url = %self.url, reason,
                     expires_in_s = issued.lifetime.map(|l| l.as_secs()),
