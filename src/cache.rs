@@ -34,10 +34,9 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::{self, ThrottleGate};
 use crate::config::RouteConfig;
-use crate::forward::UpstreamClient;
 use crate::inject::{Credential, Injection};
 use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
-use crate::oauth2::Token;
+use crate::oauth2::{Exchange, Token};
 use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError};
 
 /// The credentials rendered from one version of a secret.
@@ -801,12 +800,12 @@ impl SecretCache {
     }
 
     /// Gives each OAuth2 route in `routes` its token, minted from the client credentials in its
-    /// slot's entry through `client`, and returns them. Call before [`SecretCache::start`].
+    /// slot's entry through `client`. Call before [`SecretCache::start`].
     pub fn add_tokens(
         &mut self,
         routes: &[RouteConfig],
         slots: &mut [Slot],
-        client: &UpstreamClient,
+        client: &Arc<dyn Exchange>,
         metrics: &Arc<Metrics>,
     ) {
         for (r, slot) in routes.iter().zip(slots.iter_mut()) {

@@ -89,7 +89,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let source = source(&config).await;
     let (mut cache, mut slots) = SecretCache::new(&config.routes, source.clone(), metrics.clone());
     // OAuth2 routes: the token endpoint speaks HTTP/1.1 like any small API.
-    let token_client = forward::client_with(config.connect_timeout, tls.clone(), false);
+    let token_client: Arc<dyn crate::oauth2::Exchange> = Arc::new(forward::client_with(
+        config.connect_timeout,
+        tls.clone(),
+        false,
+    ));
     cache.add_tokens(&config.routes, &mut slots, &token_client, &metrics);
     cache.start();
     let cache = Arc::new(cache);

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures_util::future::BoxFuture;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use http::{Method, Request};
 use serde_json::Value;
@@ -47,6 +48,8 @@ use crate::secrets::Secret;
 
 pub mod endpoint;
 
+use endpoint::{Answer, CallError};
+
 /// Time allowed for one call to the token endpoint, answer included.
 pub const MINT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the task looks whether the client credentials are loaded, before the first mint.
@@ -58,6 +61,19 @@ const IDLE: Duration = Duration::from_secs(3600);
 const MIN_RENEW: Duration = Duration::from_secs(1);
 /// The largest retry window while a token is in force (else [`backoff::UNLOADED_CAP`]).
 const RETRY_CAP: Duration = Duration::from_secs(60);
+
+/// Sends one request to the token endpoint and reads the answer: the pooled HTTP client in the
+/// proxy ([`endpoint::call`], within [`MINT_TIMEOUT`]), a fake in the unit tests.
+pub trait Exchange: Send + Sync + 'static {
+    /// Sends `req`; the answer, read whole (bounded).
+    fn exchange(&self, req: Request<ProxyBody>) -> BoxFuture<'_, Result<Answer, CallError>>;
+}
+
+impl Exchange for UpstreamClient {
+    fn exchange(&self, req: Request<ProxyBody>) -> BoxFuture<'_, Result<Answer, CallError>> {
+        Box::pin(endpoint::call(self, MINT_TIMEOUT, req))
+    }
+}
 
 /// Why a mint failed. Messages name the endpoint (scheme, host, port, path) and the cause, never
 /// a token or a client secret.
@@ -191,7 +207,7 @@ pub struct Token {
     last_error: Mutex<Option<MintError>>,
     /// At most one 401-forced mint per this.
     cooldown: Duration,
-    client: UpstreamClient,
+    client: Arc<dyn Exchange>,
     metrics: Arc<Metrics>,
 }
 
@@ -225,7 +241,7 @@ impl Token {
         route: &RouteConfig,
         settings: OAuth2Config,
         entry: Arc<Entry>,
-        client: UpstreamClient,
+        client: Arc<dyn Exchange>,
         metrics: Arc<Metrics>,
     ) -> Token {
         Token {
@@ -436,18 +452,16 @@ impl Token {
             .body(ProxyBody::full(endpoint::form_encode(&fields)))
             .map_err(|_| self.bad_answer("cannot build the request".into()))?;
         let sent = Instant::now();
-        let answer = endpoint::call(&self.client, MINT_TIMEOUT, req)
-            .await
-            .map_err(|e| match e {
-                endpoint::CallError::Timeout(timeout) => MintError::Timeout {
-                    url: self.url.clone(),
-                    timeout,
-                },
-                endpoint::CallError::Failed(detail) => MintError::Unreachable {
-                    url: self.url.clone(),
-                    detail,
-                },
-            })?;
+        let answer = self.client.exchange(req).await.map_err(|e| match e {
+            CallError::Timeout(timeout) => MintError::Timeout {
+                url: self.url.clone(),
+                timeout,
+            },
+            CallError::Failed(detail) => MintError::Unreachable {
+                url: self.url.clone(),
+                detail,
+            },
+        })?;
         if !(200..300).contains(&answer.status) {
             let hidden = [client_secret.expose(), id.expose()];
             let summary = endpoint::error_summary(&answer.body, &hidden)
@@ -595,6 +609,218 @@ fn parse(body: &[u8]) -> Result<Issued, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::SecretCache;
+    use crate::config::Config;
+    use crate::secrets::file::FileSource;
+    use base64::Engine;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A token endpoint: checks Basic client authentication, counts calls, answers after 50 ms.
+    struct FakeEndpoint {
+        calls: AtomicUsize,
+        mints: AtomicUsize,
+        lifetime_s: u64,
+        /// `Some(status)`: every call fails with it.
+        failing: Mutex<Option<u16>>,
+        /// The client secret accepted.
+        secret: Mutex<String>,
+    }
+
+    impl Exchange for FakeEndpoint {
+        fn exchange(&self, req: Request<ProxyBody>) -> BoxFuture<'_, Result<Answer, CallError>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let answer = |status: u16, v: Value| {
+                    Ok(Answer {
+                        status,
+                        body: v.to_string().into(),
+                    })
+                };
+                if let Some(status) = *self.failing.lock().expect("lock") {
+                    return answer(status, serde_json::json!({"error": "server_error"}));
+                }
+                let want = format!("i:{}", self.secret.lock().expect("lock"));
+                let got = req
+                    .headers()
+                    .get(AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok()?.strip_prefix("Basic ").map(str::to_owned))
+                    .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+                if got.as_deref() != Some(want.as_bytes()) {
+                    return answer(401, serde_json::json!({"error": "invalid_client"}));
+                }
+                let n = self.mints.fetch_add(1, Ordering::SeqCst) + 1;
+                answer(
+                    200,
+                    serde_json::json!({"access_token": format!("t{n}"), "token_type": "bearer",
+                        "expires_in": self.lifetime_s}),
+                )
+            })
+        }
+    }
+
+    /// A started cache over one OAuth2 route (file source, secret `s`), and its token.
+    fn setup(
+        lifetime_s: u64,
+        refresh_ahead: &str,
+    ) -> (SecretCache, Arc<Token>, Arc<FakeEndpoint>, Scratch) {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "keyproxy-oauth2-unit-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let file = dir.join("secrets.json");
+        write_client_secret(&file, "cs1");
+        let text = format!(
+            r#"[source]
+type = "file"
+path = "{}"
+[[route]]
+name = "crm"
+path_prefix = "/crm"
+upstream = "https://api.example.com"
+secret_id = "s"
+[route.oauth2]
+token_url = "https://auth.example.com/token"
+refresh_ahead = "{refresh_ahead}"
+"#,
+            file.display()
+        );
+        let config = Config::from_toml(&text, "t.toml", &dir, &HashMap::new()).expect("config");
+        let metrics = Arc::new(Metrics::new());
+        let source = Arc::new(FileSource::new(file.clone()));
+        let (mut cache, mut slots) = SecretCache::new(&config.routes, source, metrics.clone());
+        let fake = Arc::new(FakeEndpoint {
+            calls: AtomicUsize::new(0),
+            mints: AtomicUsize::new(0),
+            lifetime_s,
+            failing: Mutex::new(None),
+            secret: Mutex::new("cs1".into()),
+        });
+        let client: Arc<dyn Exchange> = fake.clone();
+        cache.add_tokens(&config.routes, &mut slots, &client, &metrics);
+        let token = slots[0].token.clone().expect("token");
+        cache.start();
+        (cache, token, fake, Scratch(file))
+    }
+
+    /// The secrets file, its folder removed on drop.
+    struct Scratch(std::path::PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn write_client_secret(file: &std::path::Path, secret: &str) {
+        let value = serde_json::json!({"client_id": "i", "client_secret": secret}).to_string();
+        std::fs::write(file, serde_json::json!({ "s": value }).to_string()).expect("write");
+    }
+
+    fn calls(f: &FakeEndpoint) -> usize {
+        f.calls.load(Ordering::SeqCst)
+    }
+
+    fn token_of(l: &Loaded) -> &str {
+        l.value.expose()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_mint_per_renewal_and_never_a_gap() {
+        // 10 s tokens, refresh_ahead 60 s: capped at half the lifetime, so one mint per 5 s.
+        let (_cache, token, fake, _f) = setup(10, "60s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(token_of(&token.current().expect("first")), "t1");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            assert!(
+                token.current().is_some(),
+                "no token at {:?}",
+                start.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let n = calls(&fake);
+        assert!((12..=13).contains(&n), "{n} mints in 60.5 s");
+        let st = token.status();
+        assert!(st.ready && st.error.is_none());
+        assert!(st.expires_in.is_some_and(|e| e <= Duration::from_secs(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_401s_share_one_mint_and_the_cooldown_holds() {
+        let (_cache, token, fake, _f) = setup(3600, "60s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let seen = token.current().expect("t1");
+        assert_eq!(calls(&fake), 1);
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let (t, seen) = (token.clone(), seen.clone());
+                tokio::spawn(async move { t.refresh_now(&seen).await })
+            })
+            .collect();
+        for t in tasks {
+            let got = t.await.expect("join").expect("token");
+            assert_eq!(token_of(&got), "t2");
+        }
+        assert_eq!(calls(&fake), 2, "one mint for 100 401s");
+        // The API refuses t2 too, at once: within refresh_cooldown (5 s) no other mint.
+        let t2 = token.current().expect("t2");
+        let got = token.refresh_now(&t2).await.expect("token");
+        assert!(Arc::ptr_eq(&got, &t2));
+        assert_eq!(calls(&fake), 2);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let got = token.refresh_now(&t2).await.expect("token");
+        assert_eq!(token_of(&got), "t3");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_endpoint_backs_off_and_the_token_expires() {
+        let (_cache, token, fake, _f) = setup(10, "60s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(token.current().is_some());
+        *fake.failing.lock().expect("lock") = Some(503);
+        // The renewal at 5 s fails; the token is served until 10 s, then none.
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(token.current().is_some(), "served until it expires");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(token.current().is_none());
+        let why = token.missing();
+        assert!(
+            why.contains("expired") && why.contains("https://auth.example.com/token answered 503"),
+            "{why}"
+        );
+        assert_eq!(token.status().error.map(|e| e.kind()), Some("error_status"));
+        // A minute of failures: windows of 1, 2, 4, 8, then 10 s; full jitter.
+        let before = calls(&fake);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let n = calls(&fake) - before;
+        assert!((5..=30).contains(&n), "{n} calls in 60 s");
+        *fake.failing.lock().expect("lock") = None;
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(token.current().is_some(), "recovered");
+        assert!(token.status().error.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_client_rereads_the_secret_and_mints_with_the_new_one() {
+        let (_cache, token, fake, file) = setup(3600, "60s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t1 = token.current().expect("t1");
+        // The client secret rotates, and the endpoint takes only the new one. The file source
+        // polls every second; the 401 comes first.
+        write_client_secret(&file.0, "cs2");
+        *fake.secret.lock().expect("lock") = "cs2".into();
+        let got = token.refresh_now(&t1).await.expect("token");
+        assert_eq!(token_of(&got), "t2");
+        assert_eq!(calls(&fake), 3, "t1, the refused mint, the retry");
+    }
 
     #[test]
     fn answers_are_parsed_by_rfc_6749() {
