@@ -217,6 +217,14 @@ fn check(config: Option<&Path>) -> ExitCode {
             r.version_stage,
             r.injection.describe()
         );
+        if let Some(o) = &r.oauth2 {
+            println!(
+                "    OAuth2 access token minted at {} from the secret's {:?} and {:?}",
+                keyproxy::oauth2::endpoint::shown(&o.token_url),
+                o.client_id_field,
+                o.client_secret_field
+            );
+        }
     }
     if let Some(addr) = c.dev_echo {
         println!("  development echo API on {addr}");

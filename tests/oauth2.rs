@@ -337,7 +337,7 @@ async fn one_mint_per_lifetime_under_load_and_one_for_a_burst() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_is_reminted_once_and_the_request_replayed() {
     // client_secret_post, long-lived tokens: only the 401 causes a mint.
-    let s = setup(Auth::Post, 3600, "", "").await;
+    let s = setup(Auth::Post, 3600, "", "refresh_cooldown = \"0s\"").await;
     let url = s.kp.url("/crm/contacts");
     assert_eq!(http::get(&url).await.expect("get").status, 200);
     assert_eq!(s.mints(), 1);
@@ -360,6 +360,23 @@ async fn a_revoked_token_is_reminted_once_and_the_request_replayed() {
     assert_eq!(replays, 1.0);
     assert_eq!(http::get(&url).await.expect("get").status, 200);
     assert_eq!(s.mints(), 2);
+    // Again on the general engine (a chunked request body is handed to it).
+    {
+        let mut st = s.issuer.lock().expect("issuer");
+        let all: Vec<String> = st.issued.keys().cloned().collect();
+        st.revoked.extend(all);
+    }
+    let resp = raw(
+        s.kp.addr,
+        "POST /crm/contacts HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert_eq!(s.mints(), 3);
+    assert_eq!(
+        s.kp.counter("keyproxy_replays_succeeded_total", &[]).await,
+        2.0
+    );
     assert_eq!(s.issuer.lock().expect("issuer").wrong_method, 0);
     s.assert_nothing_leaked(&[FIRST_SECRET]).await;
 }
@@ -510,8 +527,8 @@ async fn an_unreachable_endpoint_is_named_in_the_503() {
     kp.assert_nowhere(&[FIRST_SECRET]).await;
 }
 
-/// `keyproxy check --config FILE` for `text`: the exit code and stderr.
-fn check(text: &str) -> (Option<i32>, String) {
+/// `keyproxy check --config FILE` for `text`: the exit code, stdout and stderr.
+fn check(text: &str) -> (Option<i32>, String, String) {
     let dir = scratch("oauth2-check");
     let path = dir.join("k.toml");
     std::fs::write(&path, text).expect("write");
@@ -525,6 +542,7 @@ fn check(text: &str) -> (Option<i32>, String) {
     let _ = std::fs::remove_dir_all(dir);
     (
         out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
@@ -538,7 +556,7 @@ secret_id = "prod/crm/client"
 
 #[test]
 fn check_names_each_oauth2_problem() {
-    let (code, err) = check(&format!(
+    let (code, _, err) = check(&format!(
         r#"{CRM}query_param = "key"
 [route.oauth2]
 token_url = "http://auth.crm.example/oauth2/token"
@@ -561,7 +579,7 @@ audiense = "x"
         );
     }
     // The issue's example is valid.
-    let (code, err) = check(&format!(
+    let (code, out, err) = check(&format!(
         r#"{CRM}[route.oauth2]
 token_url = "https://auth.crm.example/oauth2/token"
 scope = "contacts.read"
@@ -573,4 +591,8 @@ refresh_ahead = "60s"
 "#
     ));
     assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("OAuth2 access token minted at https://auth.crm.example/oauth2/token"),
+        "{out}"
+    );
 }
