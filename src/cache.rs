@@ -602,6 +602,9 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
+/// The index of an OAuth2 route's slot before its token is added: no credential.
+const NO_CREDENTIAL: usize = usize::MAX;
+
 /// Where a route finds its credential: a key rendered in a secret's entry, or (OAuth2 routes)
 /// the access token minted from the client credentials in that entry. Both engines go through
 /// [`Slot::current`] and [`Slot::refresh_now`] and need not know which.
@@ -758,11 +761,12 @@ impl SecretCache {
                     token: None,
                 });
             }
-            // An OAuth2 route's token is added by `add_tokens`; until then it has none.
+            // An OAuth2 route's token is added by `add_tokens`; until then its slot points at no
+            // credential (never at another route's).
             for &i in members.iter().filter(|&&i| routes[i].oauth2.is_some()) {
                 slots[i] = Some(Slot {
                     entry: entry.clone(),
-                    index: 0,
+                    index: NO_CREDENTIAL,
                     token: None,
                 });
             }
@@ -818,6 +822,7 @@ impl SecretCache {
                     metrics.clone(),
                 ));
                 slot.token = Some(token.clone());
+                slot.index = 0;
                 self.tokens.push(token);
             }
         }
@@ -1046,10 +1051,13 @@ mod tests {
         );
         let e = &slots[1].entry;
         assert!(Arc::ptr_eq(e, &slots[0].entry), "one entry for the secret");
+        assert!(slots[1].token.is_none(), "no token added");
         e.refresh().await.expect("first");
         let l = e.current().expect("loaded");
         assert_eq!(l.creds.len(), 1, "only the key route renders");
         assert_eq!(header(&l, slots[0].index), "Bearer i");
+        // Without its token, the OAuth2 route has no credential, never the other route's.
+        assert!(slots[1].credential(&l).is_none());
         assert_eq!(e.status().routes, vec!["a", "crm"]);
         for (bad, why) in [
             (r#"{"client_id":"i"}"#, "\"client_secret\" is missing"),
