@@ -91,14 +91,18 @@ pub struct ClientUse {
 
 /// The client id and secret in a version's text; the error says what is wrong, never a value.
 pub fn client_credentials(value: &Secret, use_: &ClientUse) -> Result<(Secret, Secret), String> {
-    let id = extract(value, Some(&use_.id_field))?;
-    let secret = extract(value, Some(&use_.secret_field))?;
-    for (f, v) in [(&use_.id_field, &id), (&use_.secret_field, &secret)] {
-        if v.expose().is_empty() {
-            return Err(format!("JSON field {f:?} is empty"));
-        }
-    }
-    Ok((id, secret))
+    let doc: Value = serde_json::from_str(value.expose())
+        .map_err(|e| format!("the value is not JSON with client credentials ({e})"))?;
+    let Value::Object(obj) = doc else {
+        return Err("the value is not a JSON object with client credentials".into());
+    };
+    let field = |name: &str| match obj.get(name) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(Secret::new(s.clone())),
+        Some(Value::String(_)) => Err(format!("JSON field {name:?} is empty")),
+        Some(_) => Err(format!("JSON field {name:?} is not a string")),
+        None => Err(format!("JSON field {name:?} is missing")),
+    };
+    Ok((field(&use_.id_field)?, field(&use_.secret_field)?))
 }
 
 /// What the admin endpoints report about an entry.
@@ -1063,10 +1067,13 @@ mod tests {
             (r#"{"client_id":"i"}"#, "\"client_secret\" is missing"),
             (r#"{"client_id":"i","client_secret":7}"#, "not a string"),
             (r#"{"client_id":"i","client_secret":""}"#, "is empty"),
+            ("cs_plain", "not JSON with client credentials"),
+            ("[1]", "not a JSON object"),
         ] {
             src.set(bad, "v2");
             let err = e.refresh().await.expect_err("refused").to_string();
             assert!(err.contains(why) && err.contains("crm"), "{bad}: {err}");
+            assert!(!err.contains("cs_plain"), "{err}");
             assert!(Arc::ptr_eq(&e.current().expect("kept"), &l));
         }
         // A new client secret under the same version id (a file source) is still taken.
