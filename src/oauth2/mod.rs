@@ -538,12 +538,16 @@ impl Token {
                 }
                 Err(_) => {
                     failures = failures.saturating_add(1);
+                    let now = Instant::now();
                     let left = self
                         .state
                         .load()
                         .as_ref()
-                        .filter(|m| m.valid(Instant::now()))
-                        .map(|m| m.expires.map_or(RETRY_CAP, |e| e - Instant::now()));
+                        .filter(|m| m.valid(now))
+                        .map(|m| {
+                            m.expires
+                                .map_or(RETRY_CAP, |e| e.saturating_duration_since(now))
+                        });
                     let cap = match left {
                         Some(left) => (left / 2).clamp(Duration::from_secs(1), RETRY_CAP),
                         None => backoff::UNLOADED_CAP,
