@@ -15,6 +15,10 @@
 //! forced fetch of that secret happens, except the `AWSPENDING` probes of the 2 s after the miss,
 //! which 401s wait for rather than fail. A forced fetch that finds a newer key starts no
 //! cooldown, so back-to-back rotations each get their fetch.
+//!
+//! [`Entry::refresh_on_demand`] is `POST /refresh` (after a rotation, so the next request has
+//! the new key without meeting a 401): one fetch under the same lock, at most one forced fetch
+//! per `refresh_cooldown` (a 401's counts), none while Secrets Manager is throttling.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -99,6 +103,26 @@ pub struct EntryStatus {
     pub error: Option<SourceError>,
 }
 
+/// What one entry's `POST /refresh` did.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    /// Secret id.
+    pub secret_id: String,
+    /// Staging label.
+    pub stage: String,
+    /// The version in force when the refresh was asked for.
+    pub before: Option<String>,
+    /// The version in force after it.
+    pub after: Option<String>,
+    /// Whether the version in force changed meanwhile.
+    pub changed: bool,
+    /// No fetch: another forced fetch happened within `refresh_cooldown`, or Secrets Manager
+    /// is throttling this process.
+    pub rate_limited: bool,
+    /// The fetch's error (the version in force, if any, stays).
+    pub error: Option<SourceError>,
+}
+
 /// State guarded by the fetch lock.
 #[derive(Debug, Default)]
 struct FetchState {
@@ -110,6 +134,9 @@ struct FetchState {
     probe_until: Option<Instant>,
     /// When `AWSPENDING` was last read on the 401 path.
     last_probe: Option<Instant>,
+    /// When the last forced fetch (a 401's, or `POST /refresh`'s) started: an on-demand
+    /// refresh within `refresh_cooldown` of it is rate limited.
+    last_forced: Option<Instant>,
 }
 
 /// After a 401 found neither a new `AWSCURRENT` nor an `AWSPENDING` version, a rotation may be
@@ -457,6 +484,7 @@ impl Entry {
             if !cooling {
                 guard.fruitless = None;
                 guard.probe_until = None;
+                guard.last_forced = Some(now);
                 let _ = self.fetch_locked("401").await;
                 let mut pending = PendingRead::Nothing;
                 if self.pending_fallback && !newer(&self.current()) {
@@ -495,6 +523,40 @@ impl Entry {
             drop(guard);
             tokio::time::sleep_until(next.min(until)).await;
         }
+    }
+
+    /// `POST /refresh`: fetches the entry's stage now, unless a forced fetch (this one's or a
+    /// 401's) happened within `refresh_cooldown`, or Secrets Manager is throttling the process:
+    /// then it answers with the version in force and says it was rate limited. Single flight
+    /// with the 401 path and the background refresh (the same fetch lock).
+    pub async fn refresh_on_demand(&self) -> Refreshed {
+        let before = self.current().and_then(|c| c.version_id.clone());
+        let mut guard = self.fetch_lock.lock().await;
+        let now = Instant::now();
+        let recent = guard.last_forced.is_some_and(|t| now - t < self.cooldown);
+        let mut outcome = Refreshed {
+            secret_id: self.secret_id.clone(),
+            stage: self.stage.clone(),
+            before,
+            after: None,
+            changed: false,
+            rate_limited: false,
+            error: None,
+        };
+        if recent || self.gate.closed_for().is_some() {
+            tracing::info!(secret = %self.secret_id, stage = %self.stage,
+                throttled = !recent, "refresh on demand rate limited: serving the version in force");
+            outcome.rate_limited = true;
+        } else {
+            guard.last_forced = Some(now);
+            if let Err(e) = self.fetch_locked("on demand").await {
+                outcome.error = Some(e);
+            }
+        }
+        drop(guard);
+        outcome.after = self.current().and_then(|c| c.version_id.clone());
+        outcome.changed = outcome.after != outcome.before;
+        outcome
     }
 
     /// The background loop: wait `startup` (the start-up jitter), then fetch, and sleep
@@ -677,6 +739,20 @@ impl SecretCache {
     /// Whether every entry has a usable value.
     pub fn ready(&self) -> bool {
         self.entries.iter().all(|e| e.is_loaded())
+    }
+
+    /// `POST /refresh`: every entry (or those of secret id `only`) refreshed on demand, at
+    /// once. `None`: no entry has that secret id.
+    pub async fn refresh_on_demand(&self, only: Option<&str>) -> Option<Vec<Refreshed>> {
+        let chosen: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|e| only.is_none_or(|id| e.secret_id == id))
+            .collect();
+        if chosen.is_empty() && only.is_some() {
+            return None;
+        }
+        Some(futures_util::future::join_all(chosen.iter().map(|e| e.refresh_on_demand())).await)
     }
 
     /// Updates the scrape-time gauges (age of each secret).
@@ -1034,6 +1110,48 @@ mod tests {
         }
         let n = src.fetches() - before;
         assert!((6..=30).contains(&n), "{n} fetches in three cooldowns");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_on_demand_is_single_flight_and_shares_the_401_cooldown() {
+        let (src, _c, e, _) = loaded("k1").await;
+        src.set("k2", "v2");
+        let before = src.fetches();
+        let calls: Vec<_> = (0..5)
+            .map(|_| {
+                let e = e.clone();
+                tokio::spawn(async move { e.refresh_on_demand().await })
+            })
+            .collect();
+        let mut limited = 0;
+        for c in calls {
+            let r = c.await.expect("join");
+            assert_eq!(r.after.as_deref(), Some("v2"));
+            assert!(r.error.is_none());
+            limited += usize::from(r.rate_limited);
+        }
+        assert_eq!(
+            limited, 4,
+            "one fetch, the others wait for it and are rate limited"
+        );
+        assert_eq!(src.fetches() - before, 1);
+        // After the cooldown: a 401's forced fetch starts it again for on-demand refreshes.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        src.set("k3", "v3");
+        let k2 = e.current().expect("k2");
+        let got = e.refresh_now(&k2).await.expect("l");
+        assert_eq!(header(&got, 0), "Bearer k3");
+        let n = src.fetches();
+        let r = e.refresh_on_demand().await;
+        assert!(r.rate_limited && !r.changed);
+        assert_eq!(src.fetches(), n);
+        // A throttled process makes no on-demand call either.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        src.fail();
+        e.refresh().await.expect_err("throttled");
+        let n = src.fetches();
+        assert!(e.refresh_on_demand().await.rate_limited);
+        assert_eq!(src.fetches(), n);
     }
 
     /// Entries over one route each (secret ids `a` and `b`); the fake ignores the id.

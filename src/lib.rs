@@ -22,13 +22,14 @@
 //!   the upstream target.
 //! - [`limits`]: limits and timeouts both engines apply.
 //! - [`cache`]: one `ArcSwap` entry per (secret, stage); background refresh with jitter and
-//!   backoff; single-flight, rate-limited refresh for the 401 path.
+//!   backoff; single-flight, rate-limited refresh for the 401 path and `POST /refresh`.
 //! - [`backoff`]: full-jitter retry windows, and the process-wide pause after a throttle.
 //! - [`retry`]: keeps request bodies up to `max_replay_body` so a 401 can be replayed.
 //! - [`forward`]: the pooled rustls upstream client (hyper); hop-by-hop header handling.
 //! - [`body`]: request/response body type (streamed, buffered, or both) without boxing.
 //! - [`error`]: the proxy's own errors, and the one place they become responses.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`admin_client`]: `keyproxy health`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `POST /refresh`; [`admin_client`]:
+//!   `keyproxy health` and `keyproxy refresh`.
 //! - [`metrics`]: Prometheus metrics with per-route handles created once.
 //! - [`secrets`]: the `SecretSource` trait, the `aws` and `file` sources, the redacting `Secret`.
 //! - [`config`]: TOML file or `KEYPROXY_*` variables → validated [`config::Config`].

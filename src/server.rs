@@ -225,7 +225,7 @@ async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(admin::handle(&state, &req)) }
+                async move { Ok::<_, Infallible>(admin::handle(&state, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
