@@ -55,6 +55,7 @@ pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
             json!({
                 "secret": s.secret_id,
                 "stage": s.stage,
+                "role": s.role_arn,
                 "routes": s.routes,
                 "loaded": s.loaded,
                 "stale": s.loaded && s.error.is_some(),
@@ -118,6 +119,7 @@ async fn refresh(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes
             json!({
                 "secret": r.secret_id,
                 "stage": r.stage,
+                "role": r.role_arn,
                 "version_before": r.before,
                 "version_after": r.after,
                 "changed": r.changed,

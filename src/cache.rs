@@ -1,4 +1,6 @@
-//! The secret cache: one entry per (secret id, stage), shared by the routes that use it.
+//! The secret cache: one entry per (role, secret id, stage), shared by the routes that use it.
+//! The role is the IAM role the secret is read with (`role_arn`; none: the base credentials),
+//! so the same secret id in two accounts is two entries, each read through its role's source.
 //!
 //! Each [`Entry`] holds an `ArcSwapOption<Loaded>`: the credentials of every route using the
 //! secret, rendered when the secret changes. The request path does one atomic load
@@ -35,7 +37,8 @@ use crate::backoff::{self, ThrottleGate};
 use crate::config::RouteConfig;
 use crate::inject::{Credential, Injection};
 use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
-use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError};
+use crate::secrets::aws::AssumeRole;
+use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError, Sources};
 
 /// The credentials rendered from one version of a secret.
 #[derive(Debug)]
@@ -91,6 +94,8 @@ pub struct EntryStatus {
     pub secret_id: String,
     /// Staging label.
     pub stage: String,
+    /// The ARN of the role it is read with; `None`: the base credentials.
+    pub role_arn: Option<String>,
     /// Routes that use it.
     pub routes: Vec<String>,
     /// Whether a usable value is loaded.
@@ -110,6 +115,8 @@ pub struct Refreshed {
     pub secret_id: String,
     /// Staging label.
     pub stage: String,
+    /// The ARN of the role it is read with; `None`: the base credentials.
+    pub role_arn: Option<String>,
     /// The version in force when the refresh was asked for.
     pub before: Option<String>,
     /// The version in force after it.
@@ -166,6 +173,8 @@ pub struct Entry {
     pub secret_id: String,
     /// Staging label.
     pub stage: String,
+    /// The role it is read with (`role_arn`); `None`: the base credentials.
+    pub role: Option<AssumeRole>,
     consumers: Vec<Consumer>,
     state: ArcSwapOption<Loaded>,
     health: Mutex<Health>,
@@ -228,6 +237,7 @@ impl Entry {
         EntryStatus {
             secret_id: self.secret_id.clone(),
             stage: self.stage.clone(),
+            role_arn: self.role.as_ref().map(|r| r.role_arn.clone()),
             routes: self.consumers.iter().map(|c| c.route.clone()).collect(),
             loaded: cur.is_some(),
             version_id: cur.and_then(|c| c.version_id.clone()),
@@ -537,6 +547,7 @@ impl Entry {
         let mut outcome = Refreshed {
             secret_id: self.secret_id.clone(),
             stage: self.stage.clone(),
+            role_arn: self.role.as_ref().map(|r| r.role_arn.clone()),
             before,
             after: None,
             changed: false,
@@ -633,17 +644,19 @@ impl Drop for SecretCache {
 }
 
 impl SecretCache {
-    /// Builds one entry per (secret id, stage) over `routes`, returning the cache and each
-    /// route's slot (in route order). Nothing is fetched until [`SecretCache::start`].
+    /// Builds one entry per (role, secret id, stage) over `routes`, each reading from its role's
+    /// source in `sources`, returning the cache and each route's slot (in route order). Nothing
+    /// is fetched until [`SecretCache::start`].
     pub fn new(
         routes: &[RouteConfig],
-        source: Arc<dyn SecretSource>,
+        sources: &Sources,
         metrics: Arc<Metrics>,
     ) -> (SecretCache, Vec<Slot>) {
-        let mut groups: Vec<((String, String), Vec<usize>)> = Vec::new();
-        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        type Key = (Option<AssumeRole>, String, String);
+        let mut groups: Vec<(Key, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<Key, usize> = HashMap::new();
         for (i, r) in routes.iter().enumerate() {
-            let key = (r.secret_id.clone(), r.version_stage.clone());
+            let key = (r.role.clone(), r.secret_id.clone(), r.version_stage.clone());
             let g = *index.entry(key.clone()).or_insert_with(|| {
                 groups.push((key, Vec::new()));
                 groups.len() - 1
@@ -653,7 +666,8 @@ impl SecretCache {
         let mut slots: Vec<Option<Slot>> = vec![None; routes.len()];
         let mut entries = Vec::new();
         let gate = Arc::new(ThrottleGate::default());
-        for ((secret_id, stage), members) in groups {
+        for ((role, secret_id, stage), members) in groups {
+            let source = sources.get(role.as_ref());
             let consumers = members
                 .iter()
                 .map(|&i| Consumer {
@@ -684,6 +698,7 @@ impl SecretCache {
             let entry = Arc::new(Entry {
                 secret_id,
                 stage,
+                role,
                 consumers,
                 state: ArcSwapOption::empty(),
                 health: Mutex::new(Health::default()),
@@ -709,7 +724,7 @@ impl SecretCache {
             SecretCache {
                 entries,
                 tasks: Vec::new(),
-                startup_jitter: source.startup_jitter(),
+                startup_jitter: sources.base().startup_jitter(),
             },
             slots,
         )
@@ -877,14 +892,18 @@ mod tests {
             max_replay_body: 1024,
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
+            role: None,
         }
     }
 
     /// A cache over one route, with `value` loaded: (source, cache, entry, loaded value).
     async fn loaded(value: &str) -> (Arc<FakeSource>, SecretCache, Arc<Entry>, Arc<Loaded>) {
         let src = FakeSource::new(value);
-        let (cache, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let (cache, slots) = SecretCache::new(
+            &[route("a", None)],
+            &Sources::single(src.clone()),
+            Arc::new(Metrics::new()),
+        );
         let e = slots[0].entry.clone();
         e.refresh().await.expect("first");
         let seen = e.current().expect("loaded");
@@ -903,7 +922,7 @@ mod tests {
         let src = FakeSource::new(r#"{"token":"t1","other":"o1"}"#);
         let (cache, slots) = SecretCache::new(
             &[route("a", Some("token")), route("b", Some("other"))],
-            src.clone(),
+            &Sources::single(src.clone()),
             Arc::new(Metrics::new()),
         );
         assert_eq!(cache.entries().len(), 1);
@@ -920,7 +939,7 @@ mod tests {
         let src = FakeSource::new(r#"{"token":"good"}"#);
         let (_cache, slots) = SecretCache::new(
             &[route("a", Some("token"))],
-            src.clone(),
+            &Sources::single(src.clone()),
             Arc::new(Metrics::new()),
         );
         let e = &slots[0].entry;
@@ -944,8 +963,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failures_serve_stale_and_recover() {
         let src = FakeSource::new("k1");
-        let (_c, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let (_c, slots) = SecretCache::new(
+            &[route("a", None)],
+            &Sources::single(src.clone()),
+            Arc::new(Metrics::new()),
+        );
         let e = &slots[0].entry;
         e.refresh().await.expect("first");
         src.fail();
@@ -1158,7 +1180,11 @@ mod tests {
     fn two_secrets(src: Arc<FakeSource>) -> (SecretCache, Vec<Slot>) {
         let mut b = route("b", None);
         b.secret_id = "b".into();
-        SecretCache::new(&[route("a", None), b], src, Arc::new(Metrics::new()))
+        SecretCache::new(
+            &[route("a", None), b],
+            &Sources::single(src),
+            Arc::new(Metrics::new()),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -1168,8 +1194,11 @@ mod tests {
             id: "s".into(),
             detail: "connection refused".into(),
         });
-        let (mut cache, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let (mut cache, slots) = SecretCache::new(
+            &[route("a", None)],
+            &Sources::single(src.clone()),
+            Arc::new(Metrics::new()),
+        );
         cache.start();
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!cache.ready());

@@ -226,7 +226,7 @@ fn check(config: Option<&Path>) -> ExitCode {
     println!("{}: configuration is valid ({n} route{s})", c.origin);
     for r in &c.routes {
         println!(
-            "  route {:?}: {}{} -> {} (secret {:?} {}, {})",
+            "  route {:?}: {}{} -> {} (secret {:?} {}{}, {})",
             r.name,
             r.path_prefix
                 .as_deref()
@@ -239,6 +239,10 @@ fn check(config: Option<&Path>) -> ExitCode {
             r.upstream,
             r.secret_id,
             r.version_stage,
+            r.role
+                .as_ref()
+                .map(|role| format!(" as role {}", role.role_arn))
+                .unwrap_or_default(),
             r.injection.describe()
         );
     }

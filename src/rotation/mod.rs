@@ -378,6 +378,7 @@ impl Default for Settings {
                 connect_timeout: Duration::from_secs(3),
                 max_attempts: 3,
                 startup_jitter: Duration::ZERO,
+                role: None,
             },
         }
     }

@@ -127,6 +127,7 @@ fn route(r: RawRoute, k: &dyn Fn(&str) -> String, problems: &mut Problems) -> Op
     let timeout = timing("timeout", r.timeout, defaults::TIMEOUT);
     let idle_timeout = timing("idle_timeout", r.idle_timeout, defaults::IDLE_TIMEOUT);
     let max_replay_body = max_replay_body(r.max_replay_body, k("max_replay_body"), problems);
+    let role = super::source::assume_role(r.role_arn, r.external_id, r.session_name, k, problems);
     if problems.len() > before {
         return None;
     }
@@ -147,6 +148,7 @@ fn route(r: RawRoute, k: &dyn Fn(&str) -> String, problems: &mut Problems) -> Op
         max_replay_body,
         timeout,
         idle_timeout,
+        role,
     })
 }
 
