@@ -21,7 +21,7 @@
 //! - [`inject`]: value templates (`Bearer {secret}`), header and query-parameter credentials,
 //!   the upstream target.
 //! - [`limits`]: limits and timeouts both engines apply.
-//! - [`cache`]: one `ArcSwap` entry per (secret, stage); background refresh with jitter and
+//! - [`cache`]: one `ArcSwap` entry per (role, secret, stage); background refresh with jitter and
 //!   backoff; single-flight, rate-limited refresh for the 401 path and `POST /refresh`.
 //! - [`backoff`]: full-jitter retry windows, and the process-wide pause after a throttle.
 //! - [`retry`]: keeps request bodies up to `max_replay_body` so a 401 can be replayed.
@@ -31,7 +31,8 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `POST /refresh`; [`admin_client`]:
 //!   `keyproxy health` and `keyproxy refresh`.
 //! - [`metrics`]: Prometheus metrics with per-route handles created once.
-//! - [`secrets`]: the `SecretSource` trait, the `aws` and `file` sources, the redacting `Secret`.
+//! - [`secrets`]: the `SecretSource` trait, the `aws` and `file` sources, the redacting `Secret`;
+//!   `Sources`, one source per IAM role the routes read with (`role_arn`, assumed through STS).
 //! - [`config`]: TOML file or `KEYPROXY_*` variables → validated [`config::Config`].
 //! - [`telemetry`]: log setup (text or JSON; third-party crates capped so no wire data is logged).
 //! - [`rotation`]: the rotation function (createSecret, setSecret, testSecret, finishSecret) run

@@ -313,28 +313,29 @@ where
 /// credentials to call STS with, or STS out of reach.
 fn assume_role_error(id: String, role: &str, err: &CredentialsError) -> SourceError {
     use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+    type StsError = aws_sdk_sts::error::SdkError<AssumeRoleError>;
     let role = role.to_owned();
     let mut cur = std::error::Error::source(err);
     while let Some(e) = cur {
-        if let Some(refused) = e.downcast_ref::<AssumeRoleError>() {
-            let code = refused.code().unwrap_or("Unknown");
-            let detail = match refused.message() {
-                Some(m) => format!("{code}: {m}"),
-                None => code.to_owned(),
-            };
-            return SourceError::AssumeRole { id, role, detail };
-        }
-        if e.downcast_ref::<CredentialsError>().is_some() {
-            return SourceError::NoCredentials {
-                id,
-                detail: format!("no AWS credentials found to assume role {role} with"),
-            };
-        }
-        if let Some(c) = e.downcast_ref::<aws_sdk_sts::error::ConnectorError>() {
-            let detail = if c.is_timeout() {
-                "STS did not answer in time".to_owned()
-            } else {
-                format!("cannot connect to STS: {}", error_chain(c))
+        if let Some(sts) = e.downcast_ref::<StsError>() {
+            let detail = match sts {
+                SdkError::ServiceError(se) => refusal(se.err(), se.raw()),
+                SdkError::TimeoutError(_) => "STS did not answer in time".to_owned(),
+                SdkError::DispatchFailure(f) => {
+                    if credentials_error(sts).is_some() {
+                        return SourceError::NoCredentials {
+                            id,
+                            detail: format!("no AWS credentials found to assume role {role} with"),
+                        };
+                    } else if f.is_timeout() {
+                        "connecting to STS timed out".to_owned()
+                    } else if f.is_io() {
+                        "cannot connect to STS".to_owned()
+                    } else {
+                        format!("cannot send the request to STS: {}", error_chain(sts))
+                    }
+                }
+                _ => error_chain(sts),
             };
             return SourceError::AssumeRole { id, role, detail };
         }
@@ -344,6 +345,36 @@ fn assume_role_error(id: String, role: &str, err: &CredentialsError) -> SourceEr
         id,
         role,
         detail: error_chain(err),
+    }
+}
+
+/// STS's answer to `AssumeRole` as `Code: message`. An error the SDK could not parse (an
+/// STS-compatible endpoint's `<ErrorResponse><Errors><Error>`, as moto's IAM checks send) is
+/// read from the body, else named by its HTTP status.
+fn refusal(
+    e: &aws_sdk_sts::operation::assume_role::AssumeRoleError,
+    raw: &aws_sdk_sts::config::http::HttpResponse,
+) -> String {
+    let body = raw
+        .body()
+        .bytes()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    let element = |name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let len = body[start..].find(&format!("</{name}>"))?;
+        Some(body[start..start + len].to_owned())
+    };
+    let code = e.code().map(str::to_owned).or_else(|| element("Code"));
+    let message = e
+        .message()
+        .map(str::to_owned)
+        .or_else(|| element("Message"));
+    match (code, message) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c,
+        (None, _) => format!("HTTP {} from STS", raw.status().as_u16()),
     }
 }
 
