@@ -48,6 +48,22 @@ async fn client_as(moto: &Moto, role: &str) -> aws_sdk_secretsmanager::Client {
     aws_sdk_secretsmanager::Client::from_conf(conf)
 }
 
+/// The role sessions moto's STS handed out under `session_name` (its record of each
+/// `AssumeRole` call, from `/moto-api/data.json`).
+async fn assumed(moto: &Moto, session_name: &str) -> Vec<serde_json::Value> {
+    let data = http::get(&format!("{}/moto-api/data.json", moto.url()))
+        .await
+        .expect("moto data")
+        .json();
+    data["sts"]["AssumedRole"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["session_name"] == session_name)
+        .cloned()
+        .collect()
+}
+
 /// `/readyz`'s entry for `secret` read with `role` (`None`: no role).
 async fn readyz_entry(kp: &KeyProxy, secret: &str, role: Option<&str>) -> serde_json::Value {
     let doc = http::get(&format!("http://{}/readyz", kp.admin))
@@ -119,6 +135,24 @@ async fn a_role_reads_the_other_accounts_secret_and_without_it_the_secret_is_mis
     }
     let e = readyz_entry(&kp, "cross/api", Some(READER)).await;
     assert_eq!(e["loaded"], true, "{e}");
+    // A refresh on demand reads both again with the role's cached credentials: one
+    // AssumeRole call for the process so far.
+    let r = http::send("POST", &format!("http://{}/refresh", kp.admin), &[], "")
+        .await
+        .expect("refresh");
+    let doc = r.json();
+    for s in doc["secrets"].as_array().expect("secrets") {
+        assert_eq!(s["role"], READER, "{doc}");
+        assert!(s["error"].is_null(), "{doc}");
+    }
+    let sessions = assumed(&moto, "keyproxy").await;
+    assert_eq!(sessions.len(), 1, "the SDK caches the role's credentials");
+    assert_eq!(sessions[0]["external_id"], "ext-123");
+    assert_eq!(sessions[0]["role_arn"], READER);
+    // The role's credentials stay out of the logs and /metrics.
+    let key = sessions[0]["secret_access_key"].as_str().expect("key");
+    let token = sessions[0]["session_token"].as_str().expect("token");
+    kp.assert_nowhere(&[key, token]).await;
 
     // A route's own role_arn beside a route without one: the same secret id from two accounts,
     // two entries, each named with its role in /readyz.
@@ -143,6 +177,12 @@ async fn a_role_reads_the_other_accounts_secret_and_without_it_the_secret_is_mis
     assert_eq!(
         readyz_entry(&two, "shared", None).await["routes"],
         serde_json::json!(["base"])
+    );
+    let sessions = assumed(&moto, "billing-sidecar").await;
+    assert_eq!(sessions.len(), 1);
+    assert!(
+        sessions[0]["external_id"].is_null(),
+        "the route's own role only"
     );
 
     // Without the role: the secret is not in the base account, and the error says so.
