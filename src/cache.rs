@@ -290,9 +290,11 @@ impl Entry {
                     streak = self.gate.streak(), wait_ms = wait.as_millis() as u64,
                     "Secrets Manager is throttling: no call from this process until the wait is over");
             }
+            // No answer from Secrets Manager (STS refusing a role is not one either).
             Err(
                 SourceError::Timeout { .. }
                 | SourceError::Unreachable { .. }
+                | SourceError::AssumeRole { .. }
                 | SourceError::Other { .. },
             ) => {}
             Ok(_) | Err(_) => self.gate.answered(),
