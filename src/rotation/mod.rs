@@ -547,6 +547,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_refresh_hint_is_a_command_to_paste() {
+        let hint = refresh_hint("prod/payments api");
+        assert!(
+            hint.contains(
+                "curl -X POST 'http://127.0.0.1:9901/refresh?secret=prod%2Fpayments%20api'"
+            ),
+            "{hint}"
+        );
+        assert!(
+            hint.contains("keyproxy refresh --secret \"prod/payments api\""),
+            "{hint}"
+        );
+    }
+
+    #[test]
     fn events_parse_as_secrets_manager_sends_them() {
         let e: RotationEvent = serde_json::from_value(serde_json::json!({
             "SecretId": "arn:aws:secretsmanager:us-east-1:1:secret:a-AbCdEf",
