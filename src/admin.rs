@@ -1,10 +1,13 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `POST /refresh`.
 //!
 //! - `/healthz`: 200 while the process serves.
 //! - `/readyz`: 200 once every route has a key (an OAuth2 route: a token in force); 503 naming
 //!   the routes still waiting and why, or while shutting down. The JSON body lists each
 //!   secret's state and each OAuth2 token's (never a value).
 //! - `/metrics`: Prometheus text.
+//! - `POST /refresh` (`?secret=ID` for one secret id): re-fetches now, under the 401 path's
+//!   rate limit ([`crate::cache::Entry::refresh_on_demand`]); JSON with each secret's version
+//!   before and after. An unknown id: 404 naming it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,6 +56,7 @@ pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
             json!({
                 "secret": s.secret_id,
                 "stage": s.stage,
+                "role": s.role_arn,
                 "routes": s.routes,
                 "loaded": s.loaded,
                 "stale": s.loaded && s.error.is_some(),
@@ -104,8 +108,66 @@ pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
     )
 }
 
+/// The `secret` parameter of a query string, percent-decoded (`+` is a space).
+fn secret_param(query: Option<&str>) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let value = pair.strip_prefix("secret=")?.replace('+', " ");
+        Some(
+            percent_encoding::percent_decode_str(&value)
+                .decode_utf8_lossy()
+                .into_owned(),
+        )
+    })
+}
+
+/// `POST /refresh[?secret=ID]`.
+async fn refresh(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+    let only = secret_param(query);
+    let Some(done) = state.cache.refresh_on_demand(only.as_deref()).await else {
+        let id = only.unwrap_or_default();
+        let body = json!({
+            "error": format!("no secret {id:?} in the configuration"),
+            "secret": id,
+        });
+        return reply(
+            StatusCode::NOT_FOUND,
+            "application/json",
+            body.to_string() + "\n",
+        );
+    };
+    let secrets: Vec<_> = done
+        .iter()
+        .map(|r| {
+            json!({
+                "secret": r.secret_id,
+                "stage": r.stage,
+                "role": r.role_arn,
+                "version_before": r.before,
+                "version_after": r.after,
+                "changed": r.changed,
+                "rate_limited": r.rate_limited,
+                "error": r.error.as_ref().map(|e| e.to_string()),
+                "error_kind": r.error.as_ref().map(|e| e.kind()),
+            })
+        })
+        .collect();
+    let ok = done.iter().all(|r| r.error.is_none());
+    let body = json!({ "ok": ok, "secrets": secrets });
+    reply(StatusCode::OK, "application/json", body.to_string() + "\n")
+}
+
 /// Answers one admin request.
-pub fn handle<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
+pub async fn handle<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/refresh" {
+        if req.method() != Method::POST {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "POST only\n".into(),
+            );
+        }
+        return refresh(state, req.uri().query()).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -139,7 +201,7 @@ pub fn handle<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> 
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /healthz, /readyz or /metrics\n".into(),
+            "try /healthz, /readyz, /metrics or POST /refresh\n".into(),
         ),
     }
 }

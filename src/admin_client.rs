@@ -1,4 +1,5 @@
-//! A minimal HTTP/1.1 GET for `keyproxy health` (the image has no curl or shell).
+//! A minimal HTTP/1.1 client for `keyproxy health` (GET) and `keyproxy refresh` (POST): the
+//! image has no curl or shell.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,6 +25,25 @@ pub async fn get(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), CheckError> {
+    request(http::Method::GET, addr, path, timeout).await
+}
+
+/// POSTs an empty body to `path` on `addr`; returns the status and body.
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), CheckError> {
+    request(http::Method::POST, addr, path, timeout).await
+}
+
+/// Sends `method path` without a body to `addr`; returns the status and body.
+async fn request(
+    method: http::Method,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), CheckError> {
     let mut addr = addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
@@ -41,7 +61,9 @@ pub async fn get(
             .await
             .map_err(|e| fail(&e))?;
         tokio::spawn(conn);
-        let req = http::Request::get(path)
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
             .header(http::header::HOST, addr.to_string())
             .body(Empty::<Bytes>::new())
             .map_err(|e| fail(&e))?;

@@ -1,4 +1,6 @@
-//! The secret cache: one entry per (secret id, stage), shared by the routes that use it.
+//! The secret cache: one entry per (role, secret id, stage), shared by the routes that use it.
+//! The role is the IAM role the secret is read with (`role_arn`; none: the base credentials),
+//! so the same secret id in two accounts is two entries, each read through its role's source.
 //!
 //! Each [`Entry`] holds an `ArcSwapOption<Loaded>`: the credentials of every route using the
 //! secret, rendered when the secret changes. The request path does one atomic load
@@ -20,6 +22,10 @@
 //! forced fetch of that secret happens, except the `AWSPENDING` probes of the 2 s after the miss,
 //! which 401s wait for rather than fail. A forced fetch that finds a newer key starts no
 //! cooldown, so back-to-back rotations each get their fetch.
+//!
+//! [`Entry::refresh_on_demand`] is `POST /refresh` (after a rotation, so the next request has
+//! the new key without meeting a 401): one fetch under the same lock, at most one forced fetch
+//! per `refresh_cooldown` (a 401's counts), none while Secrets Manager is throttling.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,7 +43,8 @@ use crate::config::RouteConfig;
 use crate::inject::{Credential, Injection};
 use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
 use crate::oauth2::{Exchange, Token};
-use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError};
+use crate::secrets::aws::AssumeRole;
+use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError, Sources};
 
 /// The credentials rendered from one version of a secret.
 #[derive(Debug)]
@@ -121,6 +128,8 @@ pub struct EntryStatus {
     pub secret_id: String,
     /// Staging label.
     pub stage: String,
+    /// The ARN of the role it is read with; `None`: the base credentials.
+    pub role_arn: Option<String>,
     /// Routes that use it.
     pub routes: Vec<String>,
     /// Whether a usable value is loaded.
@@ -130,6 +139,28 @@ pub struct EntryStatus {
     /// Time since the last successful fetch.
     pub age: Option<Duration>,
     /// The latest error, if the latest fetch failed (the value served, if any, is stale).
+    pub error: Option<SourceError>,
+}
+
+/// What one entry's `POST /refresh` did.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    /// Secret id.
+    pub secret_id: String,
+    /// Staging label.
+    pub stage: String,
+    /// The ARN of the role it is read with; `None`: the base credentials.
+    pub role_arn: Option<String>,
+    /// The version in force when the refresh was asked for.
+    pub before: Option<String>,
+    /// The version in force after it.
+    pub after: Option<String>,
+    /// Whether the version in force changed meanwhile.
+    pub changed: bool,
+    /// No fetch: another forced fetch happened within `refresh_cooldown`, or Secrets Manager
+    /// is throttling this process.
+    pub rate_limited: bool,
+    /// The fetch's error (the version in force, if any, stays).
     pub error: Option<SourceError>,
 }
 
@@ -144,6 +175,9 @@ struct FetchState {
     probe_until: Option<Instant>,
     /// When `AWSPENDING` was last read on the 401 path.
     last_probe: Option<Instant>,
+    /// When the last forced fetch (a 401's, or `POST /refresh`'s) started: an on-demand
+    /// refresh within `refresh_cooldown` of it is rate limited.
+    last_forced: Option<Instant>,
 }
 
 /// After a 401 found neither a new `AWSCURRENT` nor an `AWSPENDING` version, a rotation may be
@@ -173,6 +207,8 @@ pub struct Entry {
     pub secret_id: String,
     /// Staging label.
     pub stage: String,
+    /// The role it is read with (`role_arn`); `None`: the base credentials.
+    pub role: Option<AssumeRole>,
     consumers: Vec<Consumer>,
     /// OAuth2 routes whose client credentials this entry holds.
     clients: Vec<ClientUse>,
@@ -242,6 +278,7 @@ impl Entry {
         EntryStatus {
             secret_id: self.secret_id.clone(),
             stage: self.stage.clone(),
+            role_arn: self.role.as_ref().map(|r| r.role_arn.clone()),
             routes: self
                 .consumers
                 .iter()
@@ -299,9 +336,11 @@ impl Entry {
                     streak = self.gate.streak(), wait_ms = wait.as_millis() as u64,
                     "Secrets Manager is throttling: no call from this process until the wait is over");
             }
+            // No answer from Secrets Manager (STS refusing a role is not one either).
             Err(
                 SourceError::Timeout { .. }
                 | SourceError::Unreachable { .. }
+                | SourceError::AssumeRole { .. }
                 | SourceError::Other { .. },
             ) => {}
             Ok(_) | Err(_) => self.gate.answered(),
@@ -527,6 +566,7 @@ impl Entry {
             if !cooling {
                 guard.fruitless = None;
                 guard.probe_until = None;
+                guard.last_forced = Some(now);
                 let _ = self.fetch_locked("401").await;
                 let mut pending = PendingRead::Nothing;
                 if self.pending_fallback && !newer(&self.current()) {
@@ -565,6 +605,41 @@ impl Entry {
             drop(guard);
             tokio::time::sleep_until(next.min(until)).await;
         }
+    }
+
+    /// `POST /refresh`: fetches the entry's stage now, unless a forced fetch (this one's or a
+    /// 401's) happened within `refresh_cooldown`, or Secrets Manager is throttling the process:
+    /// then it answers with the version in force and says it was rate limited. Single flight
+    /// with the 401 path and the background refresh (the same fetch lock).
+    pub async fn refresh_on_demand(&self) -> Refreshed {
+        let before = self.current().and_then(|c| c.version_id.clone());
+        let mut guard = self.fetch_lock.lock().await;
+        let now = Instant::now();
+        let recent = guard.last_forced.is_some_and(|t| now - t < self.cooldown);
+        let mut outcome = Refreshed {
+            secret_id: self.secret_id.clone(),
+            stage: self.stage.clone(),
+            role_arn: self.role.as_ref().map(|r| r.role_arn.clone()),
+            before,
+            after: None,
+            changed: false,
+            rate_limited: false,
+            error: None,
+        };
+        if recent || self.gate.closed_for().is_some() {
+            tracing::info!(secret = %self.secret_id, stage = %self.stage,
+                throttled = !recent, "refresh on demand rate limited: serving the version in force");
+            outcome.rate_limited = true;
+        } else {
+            guard.last_forced = Some(now);
+            if let Err(e) = self.fetch_locked("on demand").await {
+                outcome.error = Some(e);
+            }
+        }
+        drop(guard);
+        outcome.after = self.current().and_then(|c| c.version_id.clone());
+        outcome.changed = outcome.after != outcome.before;
+        outcome
     }
 
     /// The background loop: wait `startup` (the start-up jitter), then fetch, and sleep
@@ -681,17 +756,19 @@ impl Drop for SecretCache {
 }
 
 impl SecretCache {
-    /// Builds one entry per (secret id, stage) over `routes`, returning the cache and each
-    /// route's slot (in route order). Nothing is fetched until [`SecretCache::start`].
+    /// Builds one entry per (role, secret id, stage) over `routes`, each reading from its role's
+    /// source in `sources`, returning the cache and each route's slot (in route order). Nothing
+    /// is fetched until [`SecretCache::start`].
     pub fn new(
         routes: &[RouteConfig],
-        source: Arc<dyn SecretSource>,
+        sources: &Sources,
         metrics: Arc<Metrics>,
     ) -> (SecretCache, Vec<Slot>) {
-        let mut groups: Vec<((String, String), Vec<usize>)> = Vec::new();
-        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        type Key = (Option<AssumeRole>, String, String);
+        let mut groups: Vec<(Key, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<Key, usize> = HashMap::new();
         for (i, r) in routes.iter().enumerate() {
-            let key = (r.secret_id.clone(), r.version_stage.clone());
+            let key = (r.role.clone(), r.secret_id.clone(), r.version_stage.clone());
             let g = *index.entry(key.clone()).or_insert_with(|| {
                 groups.push((key, Vec::new()));
                 groups.len() - 1
@@ -701,7 +778,8 @@ impl SecretCache {
         let mut slots: Vec<Option<Slot>> = vec![None; routes.len()];
         let mut entries = Vec::new();
         let gate = Arc::new(ThrottleGate::default());
-        for ((secret_id, stage), members) in groups {
+        for ((role, secret_id, stage), members) in groups {
+            let source = sources.get(role.as_ref());
             let (clients, renders): (Vec<usize>, Vec<usize>) =
                 members.iter().partition(|&&i| routes[i].oauth2.is_some());
             let clients = clients
@@ -745,6 +823,7 @@ impl SecretCache {
             let entry = Arc::new(Entry {
                 secret_id,
                 stage,
+                role,
                 consumers,
                 clients,
                 state: ArcSwapOption::empty(),
@@ -782,7 +861,7 @@ impl SecretCache {
                 entries,
                 tokens: Vec::new(),
                 tasks: Vec::new(),
-                startup_jitter: source.startup_jitter(),
+                startup_jitter: sources.base().startup_jitter(),
             },
             slots,
         )
@@ -846,6 +925,20 @@ impl SecretCache {
     pub fn ready(&self) -> bool {
         self.entries.iter().all(|e| e.is_loaded())
             && self.tokens.iter().all(|t| t.current().is_some())
+    }
+
+    /// `POST /refresh`: every entry (or those of secret id `only`) refreshed on demand, at
+    /// once. `None`: no entry has that secret id.
+    pub async fn refresh_on_demand(&self, only: Option<&str>) -> Option<Vec<Refreshed>> {
+        let chosen: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|e| only.is_none_or(|id| e.secret_id == id))
+            .collect();
+        if chosen.is_empty() && only.is_some() {
+            return None;
+        }
+        Some(futures_util::future::join_all(chosen.iter().map(|e| e.refresh_on_demand())).await)
     }
 
     /// Updates the scrape-time gauges (age of each secret).
@@ -971,14 +1064,18 @@ mod tests {
             timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             oauth2: None,
+            role: None,
         }
     }
 
     /// A cache over one route, with `value` loaded: (source, cache, entry, loaded value).
     async fn loaded(value: &str) -> (Arc<FakeSource>, SecretCache, Arc<Entry>, Arc<Loaded>) {
         let src = FakeSource::new(value);
-        let (cache, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let (cache, slots) = SecretCache::new(
+            &[route("a", None)],
+            &Sources::single(src.clone()),
+            Arc::new(Metrics::new()),
+        );
         let e = slots[0].entry.clone();
         e.refresh().await.expect("first");
         let seen = e.current().expect("loaded");
@@ -997,7 +1094,7 @@ mod tests {
         let src = FakeSource::new(r#"{"token":"t1","other":"o1"}"#);
         let (cache, slots) = SecretCache::new(
             &[route("a", Some("token")), route("b", Some("other"))],
-            src.clone(),
+            &Sources::single(src.clone()),
             Arc::new(Metrics::new()),
         );
         assert_eq!(cache.entries().len(), 1);
@@ -1014,7 +1111,7 @@ mod tests {
         let src = FakeSource::new(r#"{"token":"good"}"#);
         let (_cache, slots) = SecretCache::new(
             &[route("a", Some("token"))],
-            src.clone(),
+            &Sources::single(src.clone()),
             Arc::new(Metrics::new()),
         );
         let e = &slots[0].entry;
@@ -1050,7 +1147,7 @@ mod tests {
         let src = FakeSource::new(r#"{"client_id":"i","client_secret":"cs_1"}"#);
         let (_c, slots) = SecretCache::new(
             &[route("a", Some("client_id")), oauth],
-            src.clone(),
+            &Sources::single(src.clone()),
             Arc::new(Metrics::new()),
         );
         let e = &slots[1].entry;
@@ -1085,8 +1182,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failures_serve_stale_and_recover() {
         let src = FakeSource::new("k1");
-        let (_c, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let (_c, slots) = SecretCache::new(
+            &[route("a", None)],
+            &Sources::single(src.clone()),
+            Arc::new(Metrics::new()),
+        );
         let e = &slots[0].entry;
         e.refresh().await.expect("first");
         src.fail();
@@ -1253,11 +1353,57 @@ mod tests {
         assert!((6..=30).contains(&n), "{n} fetches in three cooldowns");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn refresh_on_demand_is_single_flight_and_shares_the_401_cooldown() {
+        let (src, _c, e, _) = loaded("k1").await;
+        src.set("k2", "v2");
+        let before = src.fetches();
+        let calls: Vec<_> = (0..5)
+            .map(|_| {
+                let e = e.clone();
+                tokio::spawn(async move { e.refresh_on_demand().await })
+            })
+            .collect();
+        let mut limited = 0;
+        for c in calls {
+            let r = c.await.expect("join");
+            assert_eq!(r.after.as_deref(), Some("v2"));
+            assert!(r.error.is_none());
+            limited += usize::from(r.rate_limited);
+        }
+        assert_eq!(
+            limited, 4,
+            "one fetch, the others wait for it and are rate limited"
+        );
+        assert_eq!(src.fetches() - before, 1);
+        // After the cooldown: a 401's forced fetch starts it again for on-demand refreshes.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        src.set("k3", "v3");
+        let k2 = e.current().expect("k2");
+        let got = e.refresh_now(&k2).await.expect("l");
+        assert_eq!(header(&got, 0), "Bearer k3");
+        let n = src.fetches();
+        let r = e.refresh_on_demand().await;
+        assert!(r.rate_limited && !r.changed);
+        assert_eq!(src.fetches(), n);
+        // A throttled process makes no on-demand call either.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        src.fail();
+        e.refresh().await.expect_err("throttled");
+        let n = src.fetches();
+        assert!(e.refresh_on_demand().await.rate_limited);
+        assert_eq!(src.fetches(), n);
+    }
+
     /// Entries over one route each (secret ids `a` and `b`); the fake ignores the id.
     fn two_secrets(src: Arc<FakeSource>) -> (SecretCache, Vec<Slot>) {
         let mut b = route("b", None);
         b.secret_id = "b".into();
-        SecretCache::new(&[route("a", None), b], src, Arc::new(Metrics::new()))
+        SecretCache::new(
+            &[route("a", None), b],
+            &Sources::single(src),
+            Arc::new(Metrics::new()),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -1267,8 +1413,11 @@ mod tests {
             id: "s".into(),
             detail: "connection refused".into(),
         });
-        let (mut cache, slots) =
-            SecretCache::new(&[route("a", None)], src.clone(), Arc::new(Metrics::new()));
+        let (mut cache, slots) = SecretCache::new(
+            &[route("a", None)],
+            &Sources::single(src.clone()),
+            Arc::new(Metrics::new()),
+        );
         cache.start();
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!cache.ready());

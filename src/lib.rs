@@ -21,8 +21,8 @@
 //! - [`inject`]: value templates (`Bearer {secret}`), header and query-parameter credentials,
 //!   the upstream target.
 //! - [`limits`]: limits and timeouts both engines apply.
-//! - [`cache`]: one `ArcSwap` entry per (secret, stage); background refresh with jitter and
-//!   backoff; single-flight, rate-limited refresh for the 401 path.
+//! - [`cache`]: one `ArcSwap` entry per (role, secret, stage); background refresh with jitter and
+//!   backoff; single-flight, rate-limited refresh for the 401 path and `POST /refresh`.
 //! - [`oauth2`]: `[route.oauth2]` routes: an access token minted from client credentials held
 //!   in the cache, kept fresh in the background, re-minted on a 401; [`oauth2::endpoint`]: the
 //!   token endpoint's HTTP side, shared with [`rotation`].
@@ -31,9 +31,11 @@
 //! - [`forward`]: the pooled rustls upstream client (hyper); hop-by-hop header handling.
 //! - [`body`]: request/response body type (streamed, buffered, or both) without boxing.
 //! - [`error`]: the proxy's own errors, and the one place they become responses.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`; [`admin_client`]: `keyproxy health`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `POST /refresh`; [`admin_client`]:
+//!   `keyproxy health` and `keyproxy refresh`.
 //! - [`metrics`]: Prometheus metrics with per-route handles created once.
-//! - [`secrets`]: the `SecretSource` trait, the `aws` and `file` sources, the redacting `Secret`.
+//! - [`secrets`]: the `SecretSource` trait, the `aws` and `file` sources, the redacting `Secret`;
+//!   `Sources`, one source per IAM role the routes read with (`role_arn`, assumed through STS).
 //! - [`config`]: TOML file or `KEYPROXY_*` variables → validated [`config::Config`].
 //! - [`telemetry`]: log setup (text or JSON; third-party crates capped so no wire data is logged).
 //! - [`rotation`]: the rotation function (createSecret, setSecret, testSecret, finishSecret) run

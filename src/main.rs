@@ -94,6 +94,24 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Ask the running proxy to re-fetch its secrets now (POST /refresh on the admin listener),
+    /// e.g. right after a rotation. Prints each secret's version before and after; exit 1 if a
+    /// fetch failed or the proxy could not be reached.
+    Refresh {
+        /// Only this secret id (else every secret).
+        #[arg(long)]
+        secret: Option<String>,
+        /// Admin address (else KEYPROXY_ADMIN_LISTEN, the config's admin_listen, or the default).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Config file whose admin_listen to use, when neither --admin nor
+        /// KEYPROXY_ADMIN_LISTEN is given.
+        #[arg(long, short, env = "KEYPROXY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Time allowed for the answer.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Rotate a secret now: createSecret, setSecret, testSecret, finishSecret, in order.
     /// Prints the new version id. See the Rotation section of README.md.
     Rotate {
@@ -146,6 +164,12 @@ fn main() -> ExitCode {
             config,
             timeout,
         }) => health(ready, admin, config.as_deref(), timeout),
+        Some(Command::Refresh {
+            secret,
+            admin,
+            config,
+            timeout,
+        }) => refresh(secret.as_deref(), admin, config.as_deref(), timeout),
         Some(Command::Rotate {
             secret_id,
             token,
@@ -202,7 +226,7 @@ fn check(config: Option<&Path>) -> ExitCode {
     println!("{}: configuration is valid ({n} route{s})", c.origin);
     for r in &c.routes {
         println!(
-            "  route {:?}: {}{} -> {} (secret {:?} {}, {})",
+            "  route {:?}: {}{} -> {} (secret {:?} {}{}, {})",
             r.name,
             r.path_prefix
                 .as_deref()
@@ -215,6 +239,10 @@ fn check(config: Option<&Path>) -> ExitCode {
             r.upstream,
             r.secret_id,
             r.version_stage,
+            r.role
+                .as_ref()
+                .map(|role| format!(" as role {}", role.role_arn))
+                .unwrap_or_default(),
             r.injection.describe()
         );
         if let Some(o) = &r.oauth2 {
@@ -232,14 +260,10 @@ fn check(config: Option<&Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `keyproxy health`: GET `/healthz` (or `/readyz`) on the admin address.
-fn health(
-    ready: bool,
-    admin: Option<SocketAddr>,
-    config: Option<&Path>,
-    timeout: Duration,
-) -> ExitCode {
-    let addr = admin
+/// The admin address: `admin`, else `KEYPROXY_ADMIN_LISTEN`, else the config's, else the
+/// default.
+fn admin_address(admin: Option<SocketAddr>, config: Option<&Path>) -> Option<SocketAddr> {
+    admin
         .or_else(|| {
             std::env::var("KEYPROXY_ADMIN_LISTEN")
                 .ok()
@@ -250,8 +274,85 @@ fn health(
                 .and_then(|p| Config::from_file(p, &HashMap::new()).ok())
                 .map(|c| c.admin_listen)
         })
-        .or_else(|| DEFAULT_ADMIN_LISTEN.parse().ok());
-    let Some(addr) = addr else {
+        .or_else(|| DEFAULT_ADMIN_LISTEN.parse().ok())
+}
+
+/// `keyproxy refresh`: POST `/refresh` on the admin address; one line per secret.
+fn refresh(
+    secret: Option<&str>,
+    admin: Option<SocketAddr>,
+    config: Option<&Path>,
+    timeout: Duration,
+) -> ExitCode {
+    let Some(addr) = admin_address(admin, config) else {
+        eprintln!("keyproxy refresh: no admin address");
+        return ExitCode::FAILURE;
+    };
+    let path = match secret {
+        Some(id) => format!(
+            "/refresh?secret={}",
+            percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC)
+        ),
+        None => "/refresh".to_owned(),
+    };
+    let answer = runtime(Some(1)).and_then(|rt| {
+        rt.block_on(keyproxy::admin_client::post(addr, &path, timeout))
+            .map_err(|e| e.to_string())
+    });
+    let body = match answer {
+        Ok((200, body)) => body,
+        Ok((status, body)) => {
+            eprintln!(
+                "keyproxy refresh: {addr} answered {status}: {}",
+                body.trim()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("keyproxy refresh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&body) else {
+        eprintln!("keyproxy refresh: {addr} answered: {}", body.trim());
+        return ExitCode::FAILURE;
+    };
+    let mut ok = true;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    for s in doc["secrets"].as_array().into_iter().flatten() {
+        let what = if let Some(e) = s["error"].as_str() {
+            ok = false;
+            format!("fetch failed: {e}")
+        } else if s["rate_limited"] == true {
+            "rate limited (fetched less than refresh_cooldown ago): no fetch".to_owned()
+        } else if s["changed"] == true {
+            "new version".to_owned()
+        } else {
+            "unchanged".to_owned()
+        };
+        println!(
+            "{} {}: {} -> {} ({what})",
+            text(&s["secret"]),
+            text(&s["stage"]),
+            text(&s["version_before"]),
+            text(&s["version_after"]),
+        );
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `keyproxy health`: GET `/healthz` (or `/readyz`) on the admin address.
+fn health(
+    ready: bool,
+    admin: Option<SocketAddr>,
+    config: Option<&Path>,
+    timeout: Duration,
+) -> ExitCode {
+    let Some(addr) = admin_address(admin, config) else {
         eprintln!("keyproxy health: no admin address");
         return ExitCode::FAILURE;
     };
@@ -300,6 +401,7 @@ fn rotate(
     match result {
         Ok(rotated) => {
             println!("{}", rotated.version_id);
+            eprintln!("keyproxy rotate: {}", rotation::refresh_hint(secret_id));
             ExitCode::SUCCESS
         }
         Err(e) => {

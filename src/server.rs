@@ -33,7 +33,7 @@ use crate::proxy;
 use crate::routes::Routes;
 use crate::secrets::aws::AwsSource;
 use crate::secrets::file::FileSource;
-use crate::secrets::SecretSource;
+use crate::secrets::Sources;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -59,11 +59,25 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunEr
         .map_err(|source| RunError::Bind { what, addr, source })
 }
 
-/// Builds the secret source the config names.
-pub async fn source(config: &Config) -> Arc<dyn SecretSource> {
+/// Builds the secret sources the config names: for `aws`, one Secrets Manager client over the
+/// base credentials and one per distinct role the routes read with.
+pub async fn sources(config: &Config) -> Sources {
     match &config.source {
-        SourceConfig::Aws(settings) => Arc::new(AwsSource::connect(settings).await),
-        SourceConfig::File(path) => Arc::new(FileSource::new(path.clone())),
+        SourceConfig::Aws(settings) => {
+            let mut sources = Sources::single(Arc::new(AwsSource::connect(settings, None).await));
+            let mut roles: Vec<_> = Vec::new();
+            for role in config.routes.iter().filter_map(|r| r.role.as_ref()) {
+                if !roles.contains(&role) {
+                    roles.push(role);
+                }
+            }
+            for role in roles {
+                let source = AwsSource::connect(settings, Some(role)).await;
+                sources.insert(role.clone(), Arc::new(source));
+            }
+            sources
+        }
+        SourceConfig::File(path) => Sources::single(Arc::new(FileSource::new(path.clone()))),
     }
 }
 
@@ -86,8 +100,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             source,
         })?;
 
-    let source = source(&config).await;
-    let (mut cache, mut slots) = SecretCache::new(&config.routes, source.clone(), metrics.clone());
+    let sources = sources(&config).await;
+    let (mut cache, mut slots) = SecretCache::new(&config.routes, &sources, metrics.clone());
     // OAuth2 routes: the token endpoint speaks HTTP/1.1 like any small API.
     let token_client: Arc<dyn crate::oauth2::Exchange> = Arc::new(forward::client_with(
         config.connect_timeout,
@@ -126,7 +140,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tracing::info!(addr = %app_addr, "app listener ready");
     tracing::info!(addr = %admin_addr, "admin listener ready");
-    tracing::info!(routes = config.routes.len(), source = source.name(), config = %config.origin, "keyproxy started");
+    tracing::info!(routes = config.routes.len(), source = sources.base().name(), config = %config.origin, "keyproxy started");
 
     let admin_task = tokio::spawn(serve_admin(admin_listener, admin_state.clone()));
 
@@ -232,7 +246,7 @@ async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(admin::handle(&state, &req)) }
+                async move { Ok::<_, Infallible>(admin::handle(&state, &req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -45,6 +45,8 @@ pub const MAX_WORKER_THREADS: u64 = 1024;
 
 /// `source.type`.
 pub const SOURCE: &str = "aws";
+/// `session_name`: the STS role session name when a role is assumed (`role_arn`).
+pub const SESSION_NAME: &str = "keyproxy";
 /// `aws.timeout`: one attempt of a Secrets Manager call.
 pub const AWS_TIMEOUT: DurationSetting = DurationSetting {
     default: Duration::from_secs(5),

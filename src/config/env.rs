@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::defaults;
-use super::file::{RawAppAuth, RawFile, RawRoute, RawSource, SizeValue};
+use super::file::{RawAppAuth, RawAws, RawFile, RawRoute, RawSource, SizeValue};
 use super::Problems;
 
 /// Environment variables that configure a route or the listeners.
@@ -45,6 +45,9 @@ const GLOBAL_ENV: &[&str] = &[
     "KEYPROXY_MAX_CONNECTIONS",
     "KEYPROXY_CA_BUNDLE",
     "KEYPROXY_WORKER_THREADS",
+    "KEYPROXY_AWS_ROLE_ARN",
+    "KEYPROXY_AWS_EXTERNAL_ID",
+    "KEYPROXY_AWS_SESSION_NAME",
 ];
 
 /// Raw settings for a configuration without a file: the route (if `KEYPROXY_UPSTREAM` or
@@ -109,6 +112,10 @@ fn route(env: &HashMap<String, String>, problems: &mut Problems) -> RawRoute {
         timeout: get("KEYPROXY_TIMEOUT"),
         idle_timeout: get("KEYPROXY_IDLE_TIMEOUT"),
         oauth2: None,
+        // The route reads with KEYPROXY_AWS_ROLE_ARN, the `[aws]` one.
+        role_arn: None,
+        external_id: None,
+        session_name: None,
     }
 }
 
@@ -150,6 +157,19 @@ pub(super) fn apply_globals(
     }
     if let Some(b) = flag(env, "KEYPROXY_ACCESS_LOG", problems) {
         raw.access_log = Some(b);
+    }
+    let role = [
+        "KEYPROXY_AWS_ROLE_ARN",
+        "KEYPROXY_AWS_EXTERNAL_ID",
+        "KEYPROXY_AWS_SESSION_NAME",
+    ]
+    .map(|k| env.get(k).cloned());
+    if role.iter().any(Option::is_some) {
+        let aws = raw.aws.get_or_insert_with(RawAws::default);
+        let [role_arn, external_id, session_name] = role;
+        aws.role_arn = role_arn.or(aws.role_arn.take());
+        aws.external_id = external_id.or(aws.external_id.take());
+        aws.session_name = session_name.or(aws.session_name.take());
     }
     if env.contains_key("KEYPROXY_APP_TOKEN") || env.contains_key("KEYPROXY_APP_TOKEN_FILE") {
         let auth = raw.app_auth.get_or_insert_with(RawAppAuth::default);

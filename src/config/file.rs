@@ -42,6 +42,9 @@ pub(super) struct RawAws {
     pub(super) connect_timeout: Option<String>,
     pub(super) max_attempts: Option<u32>,
     pub(super) startup_jitter: Option<String>,
+    pub(super) role_arn: Option<String>,
+    pub(super) external_id: Option<String>,
+    pub(super) session_name: Option<String>,
 }
 
 /// `[source]`.
@@ -87,6 +90,9 @@ pub(super) struct RawRoute {
     pub(super) max_replay_body: Option<SizeValue>,
     pub(super) timeout: Option<String>,
     pub(super) idle_timeout: Option<String>,
+    pub(super) role_arn: Option<String>,
+    pub(super) external_id: Option<String>,
+    pub(super) session_name: Option<String>,
     pub(super) oauth2: Option<RawOAuth2>,
 }
 

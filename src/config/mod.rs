@@ -149,6 +149,9 @@ pub struct RouteConfig {
     /// Longest gap allowed between two chunks of the upstream's response body
     /// ([`defaults::IDLE_TIMEOUT`]).
     pub idle_timeout: Duration,
+    /// The IAM role the secret is read with: the route's own `role_arn` (with its
+    /// `external_id` and `session_name`), else `[aws] role_arn`; `None`: the base credentials.
+    pub role: Option<crate::secrets::aws::AssumeRole>,
     /// `[route.oauth2]`: the secret holds OAuth2 client credentials, and the key injected is an
     /// access token minted from them ([`crate::oauth2`]).
     pub oauth2: Option<OAuth2Config>,

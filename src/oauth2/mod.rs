@@ -696,7 +696,11 @@ refresh_ahead = "{refresh_ahead}"
         let config = Config::from_toml(&text, "t.toml", &dir, &HashMap::new()).expect("config");
         let metrics = Arc::new(Metrics::new());
         let source = Arc::new(FileSource::new(file.clone()));
-        let (mut cache, mut slots) = SecretCache::new(&config.routes, source, metrics.clone());
+        let (mut cache, mut slots) = SecretCache::new(
+            &config.routes,
+            &crate::secrets::Sources::single(source),
+            metrics.clone(),
+        );
         let fake = Arc::new(FakeEndpoint {
             calls: AtomicUsize::new(0),
             mints: AtomicUsize::new(0),

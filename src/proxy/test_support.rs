@@ -136,7 +136,11 @@ pub(crate) async fn fixture(api_settings: &str) -> Fixture {
         Config::from_toml(&text, "test.toml", Path::new("."), &HashMap::new()).expect("config");
     let source = Arc::new(TestSource(Mutex::new("k1".into())));
     let metrics = Arc::new(Metrics::new());
-    let (cache, slots) = SecretCache::new(&config.routes, source.clone(), metrics.clone());
+    let (cache, slots) = SecretCache::new(
+        &config.routes,
+        &crate::secrets::Sources::single(source.clone()),
+        metrics.clone(),
+    );
     for s in &slots {
         s.entry.refresh().await.expect("key loaded");
     }

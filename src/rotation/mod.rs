@@ -378,6 +378,7 @@ impl Default for Settings {
                 connect_timeout: Duration::from_secs(3),
                 max_attempts: 3,
                 startup_jitter: Duration::ZERO,
+                role: None,
             },
         }
     }
@@ -474,9 +475,20 @@ pub async fn run_step(
         Outcome::Finished { previous } => tracing::info!(secret = %event.secret_id,
             step = %event.step, version = %event.client_request_token,
             previous = previous.as_deref().unwrap_or("-"),
+            refresh = %refresh_hint(&event.secret_id),
             "rotation finished: AWSCURRENT moved to the new version"),
     }
     Ok(outcome)
+}
+
+/// How to make a running keyproxy serve the new version now: without it, a sidecar picks it at
+/// its next background refresh or at the first 401.
+pub fn refresh_hint(secret_id: &str) -> String {
+    let id = percent_encoding::utf8_percent_encode(secret_id, percent_encoding::NON_ALPHANUMERIC);
+    format!(
+        "sidecars serve the new version at their next refresh or first 401; to switch one now: curl -X POST 'http://{}/refresh?secret={id}' (or keyproxy refresh --secret {secret_id:?})",
+        crate::config::defaults::ADMIN_LISTEN
+    )
 }
 
 /// Options of an on-demand rotation.
@@ -533,6 +545,21 @@ pub async fn rotate_now(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_refresh_hint_is_a_command_to_paste() {
+        let hint = refresh_hint("prod/payments api");
+        assert!(
+            hint.contains(
+                "curl -X POST 'http://127.0.0.1:9901/refresh?secret=prod%2Fpayments%20api'"
+            ),
+            "{hint}"
+        );
+        assert!(
+            hint.contains("keyproxy refresh --secret \"prod/payments api\""),
+            "{hint}"
+        );
+    }
 
     #[test]
     fn events_parse_as_secrets_manager_sends_them() {

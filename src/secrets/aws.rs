@@ -9,9 +9,16 @@
 //! SDK's standard mode does (`max_attempts`), but not a throttled call: the cache's backoff and
 //! its process-wide throttle gate ([`crate::backoff`]) decide when the next call goes, so a
 //! throttled fleet does not double its calls with immediate SDK retries.
+//!
+//! With a role (`role_arn`, [`AssumeRole`]), the client's credentials come from aws-config's
+//! `AssumeRoleProvider` over the default chain: STS `AssumeRole`, the SDK's identity cache, and a
+//! new call to STS before the credentials expire. STS is reached at `AWS_ENDPOINT_URL_STS` /
+//! `AWS_ENDPOINT_URL` if set (not at `[aws] endpoint_url`, which is Secrets Manager's). A refusal
+//! is its own error kind, naming the role ([`SourceError::AssumeRole`]).
 
 use std::time::Duration;
 
+use aws_config::sts::AssumeRoleProvider;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_secretsmanager::config::interceptors::InterceptorContext;
@@ -42,6 +49,21 @@ pub struct AwsSettings {
     /// The longest random delay before the sidecar's first call (`startup_jitter`); zero: none.
     /// The rotation function does not use it.
     pub startup_jitter: Duration,
+    /// The role to read secrets with (`[aws] role_arn`); a route's own `role_arn` overrides it.
+    /// `None`: the default chain's credentials themselves.
+    pub role: Option<AssumeRole>,
+}
+
+/// An IAM role to read secrets with, assumed through STS (`role_arn`, `external_id`,
+/// `session_name`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AssumeRole {
+    /// `arn:aws:iam::<account>:role/<name>`.
+    pub role_arn: String,
+    /// The `sts:ExternalId` the role's trust policy asks for, if any.
+    pub external_id: Option<String>,
+    /// The role session name (shows in the other account's CloudTrail).
+    pub session_name: String,
 }
 
 /// Error codes that mean Secrets Manager throttled the call.
@@ -113,6 +135,8 @@ pub struct AwsSource {
     client: Client,
     /// The longest random delay before the cache's first fetch.
     startup_jitter: Duration,
+    /// The ARN of the role the client's credentials come from, if any (for error messages).
+    role_arn: Option<String>,
 }
 
 impl AwsSource {
@@ -121,18 +145,38 @@ impl AwsSource {
         AwsSource {
             client,
             startup_jitter: Duration::ZERO,
+            role_arn: None,
         }
     }
 
     /// The sidecar's source: a client from `settings` that leaves throttled calls to the cache
-    /// instead of retrying them, and `settings.startup_jitter`.
-    pub async fn connect(settings: &AwsSettings) -> Self {
-        let config = aws_sdk_secretsmanager::config::Builder::from(&sdk_config(settings).await)
-            .retry_classifier(ThrottlesLeftToTheCache)
-            .build();
+    /// instead of retrying them, and `settings.startup_jitter`. With `role`, its credentials are
+    /// the role's, assumed over the default chain (and refreshed before they expire).
+    pub async fn connect(settings: &AwsSettings, role: Option<&AssumeRole>) -> Self {
+        let conf = sdk_config(settings).await;
+        let mut builder = aws_sdk_secretsmanager::config::Builder::from(&conf)
+            .retry_classifier(ThrottlesLeftToTheCache);
+        if let Some(role) = role {
+            // STS at its own endpoint: `[aws] endpoint_url` is Secrets Manager's.
+            let sts_conf = if settings.endpoint_url.is_some() {
+                let mut plain = settings.clone();
+                plain.endpoint_url = None;
+                sdk_config(&plain).await
+            } else {
+                conf.clone()
+            };
+            let mut provider = AssumeRoleProvider::builder(role.role_arn.clone())
+                .session_name(role.session_name.clone())
+                .configure(&sts_conf);
+            if let Some(id) = &role.external_id {
+                provider = provider.external_id(id.clone());
+            }
+            builder = builder.credentials_provider(provider.build().await);
+        }
         AwsSource {
-            client: Client::from_conf(config),
+            client: Client::from_conf(builder.build()),
             startup_jitter: settings.startup_jitter,
+            role_arn: role.map(|r| r.role_arn.clone()),
         }
     }
 }
@@ -151,7 +195,7 @@ impl SecretSource for AwsSource {
                 .version_stage(stage)
                 .send()
                 .await
-                .map_err(|e| classify(id, e))?;
+                .map_err(|e| classify_with_role(id, self.role_arn.as_deref(), e))?;
             let value = if let Some(s) = out.secret_string {
                 s
             } else if let Some(b) = out.secret_binary {
@@ -187,7 +231,21 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug + 'static,
 {
+    classify_with_role(id, None, err)
+}
+
+/// [`classify`] for a client whose credentials come from assuming `role`: a failure to get
+/// them is [`SourceError::AssumeRole`], naming the role and STS's answer.
+fn classify_with_role<E, R>(id: &str, role: Option<&str>, err: SdkError<E, R>) -> SourceError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
     let id = id.to_owned();
+    if let (Some(role), Some(e)) = (role, credentials_error(&err)) {
+        tracing::debug!(secret = %id, role, error = %error_chain(&err), "cannot assume role");
+        return assume_role_error(id, role, e);
+    }
     if let Some(e) = credentials_error(&err) {
         // The SDK's error names every provider it tried (IMDS tokens, HTTP bodies): kept for
         // `debug`, replaced by what to set in the message.
@@ -248,6 +306,75 @@ where
             id,
             detail: error_chain(&err),
         },
+    }
+}
+
+/// Why the role's credentials could not be had: STS's refusal (its code and message), no base
+/// credentials to call STS with, or STS out of reach.
+fn assume_role_error(id: String, role: &str, err: &CredentialsError) -> SourceError {
+    use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+    type StsError = aws_sdk_sts::error::SdkError<AssumeRoleError>;
+    let role = role.to_owned();
+    let mut cur = std::error::Error::source(err);
+    while let Some(e) = cur {
+        if let Some(sts) = e.downcast_ref::<StsError>() {
+            let detail = match sts {
+                SdkError::ServiceError(se) => refusal(se.err(), se.raw()),
+                SdkError::TimeoutError(_) => "STS did not answer in time".to_owned(),
+                SdkError::DispatchFailure(f) => {
+                    if credentials_error(sts).is_some() {
+                        return SourceError::NoCredentials {
+                            id,
+                            detail: format!("no AWS credentials found to assume role {role} with"),
+                        };
+                    } else if f.is_timeout() {
+                        "connecting to STS timed out".to_owned()
+                    } else if f.is_io() {
+                        "cannot connect to STS".to_owned()
+                    } else {
+                        format!("cannot send the request to STS: {}", error_chain(sts))
+                    }
+                }
+                _ => error_chain(sts),
+            };
+            return SourceError::AssumeRole { id, role, detail };
+        }
+        cur = e.source();
+    }
+    SourceError::AssumeRole {
+        id,
+        role,
+        detail: error_chain(err),
+    }
+}
+
+/// STS's answer to `AssumeRole` as `Code: message`. An error the SDK could not parse (an
+/// STS-compatible endpoint's `<ErrorResponse><Errors><Error>`, as moto's IAM checks send) is
+/// read from the body, else named by its HTTP status.
+fn refusal(
+    e: &aws_sdk_sts::operation::assume_role::AssumeRoleError,
+    raw: &aws_sdk_sts::config::http::HttpResponse,
+) -> String {
+    let body = raw
+        .body()
+        .bytes()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    let element = |name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let len = body[start..].find(&format!("</{name}>"))?;
+        Some(body[start..start + len].to_owned())
+    };
+    let code = e.code().map(str::to_owned).or_else(|| element("Code"));
+    let message = e
+        .message()
+        .map(str::to_owned)
+        .or_else(|| element("Message"));
+    match (code, message) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c,
+        (None, _) => format!("HTTP {} from STS", raw.status().as_u16()),
     }
 }
 

@@ -3,12 +3,15 @@
 //! A [`SecretSource`] reads one version of one secret (`aws`: Secrets Manager; `file`: a local
 //! JSON file for development). [`Secret`] wraps every secret value so that it can never be printed:
 //! its `Debug` and `Display` show `***`, and the raw text is reachable only through
-//! [`Secret::expose`], which the credential renderer calls.
+//! [`Secret::expose`], which the credential renderer calls. [`Sources`] holds one source per
+//! IAM role the routes read with (`role_arn`), beside the one for the base credentials.
 
 pub mod aws;
 pub mod file;
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -59,6 +62,14 @@ pub enum SourceError {
     /// The credentials in use may not read the secret.
     #[error("secret {id:?}: access denied ({detail})")]
     AccessDenied { id: String, detail: String },
+    /// The role the secret is read with could not be assumed (`sts:AssumeRole` refused, e.g.
+    /// `AccessDenied`, or STS unreachable). `detail` is STS's code and message.
+    #[error("secret {id:?}: cannot assume role {role} : {detail}")]
+    AssumeRole {
+        id: String,
+        role: String,
+        detail: String,
+    },
     /// Secrets Manager throttled the call.
     #[error("secret {id:?}: throttled by Secrets Manager ({detail})")]
     Throttled { id: String, detail: String },
@@ -89,6 +100,7 @@ impl SourceError {
         match self {
             SourceError::NotFound { .. } => "not_found",
             SourceError::AccessDenied { .. } => "access_denied",
+            SourceError::AssumeRole { .. } => "assume_role",
             SourceError::Throttled { .. } => "throttled",
             SourceError::Decryption { .. } => "decryption_failure",
             SourceError::NoCredentials { .. } => "no_credentials",
@@ -123,6 +135,50 @@ pub trait SecretSource: Send + Sync + 'static {
 
     /// A short name for logs (`aws`, `file`).
     fn name(&self) -> &'static str;
+}
+
+/// The sources secrets are read from: one over the base credentials, and one per role that
+/// routes name (`role_arn`), each with its own client and credential cache.
+#[derive(Clone)]
+pub struct Sources {
+    /// Over the base credentials (no role).
+    base: Arc<dyn SecretSource>,
+    /// One per role.
+    roles: HashMap<aws::AssumeRole, Arc<dyn SecretSource>>,
+}
+
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sources")
+            .field("base", &self.base.name())
+            .field("roles", &self.roles.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Sources {
+    /// Every secret from `base` (the `file` source; tests).
+    pub fn single(base: Arc<dyn SecretSource>) -> Self {
+        Sources {
+            base,
+            roles: HashMap::new(),
+        }
+    }
+
+    /// Adds the source that reads with `role`.
+    pub fn insert(&mut self, role: aws::AssumeRole, source: Arc<dyn SecretSource>) {
+        self.roles.insert(role, source);
+    }
+
+    /// The source for `role`: its own if one was added, else the base one.
+    pub fn get(&self, role: Option<&aws::AssumeRole>) -> &Arc<dyn SecretSource> {
+        role.and_then(|r| self.roles.get(r)).unwrap_or(&self.base)
+    }
+
+    /// The source over the base credentials.
+    pub fn base(&self) -> &Arc<dyn SecretSource> {
+        &self.base
+    }
 }
 
 #[cfg(test)]

@@ -69,7 +69,10 @@ pub(super) fn validate(
     let dev_echo = raw.dev.and_then(|d| {
         global::dev_echo(d.echo.as_deref(), (listen, admin_listen), g("dev.echo"), p)
     });
-    let routes = route::routes(raw.routes.unwrap_or_default(), namer, p);
+    let raw_routes = raw.routes.unwrap_or_default();
+    source::route_roles_need_aws(&source, &raw_routes, namer, p);
+    let mut routes = route::routes(raw_routes, namer, p);
+    source::inherit_role(&source, &mut routes);
     let config = Config {
         origin: origin.to_owned(),
         listen,

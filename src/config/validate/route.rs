@@ -132,6 +132,7 @@ fn route(
     let timeout = timing("timeout", r.timeout, defaults::TIMEOUT);
     let idle_timeout = timing("idle_timeout", r.idle_timeout, defaults::IDLE_TIMEOUT);
     let max_replay_body = max_replay_body(r.max_replay_body, k("max_replay_body"), problems);
+    let role = super::source::assume_role(r.role_arn, r.external_id, r.session_name, k, problems);
     if problems.len() > before {
         return None;
     }
@@ -153,6 +154,7 @@ fn route(
         timeout,
         idle_timeout,
         oauth2,
+        role,
     })
 }
 
