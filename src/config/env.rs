@@ -19,6 +19,7 @@ const ROUTE_ENV: &[&str] = &[
     "KEYPROXY_HEADER",
     "KEYPROXY_VALUE",
     "KEYPROXY_QUERY_PARAM",
+    "KEYPROXY_ALLOW",
     "KEYPROXY_PATH_PREFIX",
     "KEYPROXY_REFRESH_INTERVAL",
     "KEYPROXY_REFRESH_COOLDOWN",
@@ -103,6 +104,15 @@ fn route(env: &HashMap<String, String>, problems: &mut Problems) -> RawRoute {
         header: get("KEYPROXY_HEADER"),
         value: get("KEYPROXY_VALUE"),
         query_param: get("KEYPROXY_QUERY_PARAM"),
+        headers: None,
+        basic_auth: None,
+        // Comma-separated `METHOD PATH` patterns (a pattern has no comma).
+        allow: get("KEYPROXY_ALLOW").map(|v| {
+            v.split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect()
+        }),
         retry_on_401,
         http2,
         max_replay_body: get("KEYPROXY_MAX_REPLAY_BODY").map(SizeValue::Text),
