@@ -59,10 +59,11 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// [`ProxyError::NotAllowed`] for `method` and `path` (cut to 200 bytes: the answer names
-    /// what was refused without echoing a long request back).
+    /// what was refused without echoing a long request back; the prefix itself shows as `/`,
+    /// as the allow list reads it).
     pub fn not_allowed(method: &str, path: &str) -> ProxyError {
         const MAX: usize = 200;
-        let mut path = path.to_owned();
+        let mut path = if path.is_empty() { "/" } else { path }.to_owned();
         if path.len() > MAX {
             let mut end = MAX;
             while !path.is_char_boundary(end) {

@@ -234,6 +234,26 @@ mod tests {
     }
 
     #[test]
+    fn env_allow_is_comma_separated() {
+        let base = [
+            ("KEYPROXY_UPSTREAM", "https://api.example.com"),
+            ("KEYPROXY_SECRET_ID", "prod/x"),
+        ];
+        let with = |allow: &str| {
+            let mut pairs = base.to_vec();
+            pairs.push(("KEYPROXY_ALLOW", allow));
+            Config::from_env(&env(&pairs))
+        };
+        let c = with("GET /reports/*, POST /reports/*/run").expect("valid");
+        let a = c.routes[0].allow.as_ref().expect("allow");
+        assert!(a.permits("POST", "/reports/1/run"));
+        assert!(!a.permits("GET", "/admin"));
+        let e = with("GET /ok, reports").expect_err("bad");
+        assert_eq!(keys(&e), vec!["KEYPROXY_ALLOW"]);
+        assert!(e.to_string().contains("\"reports\""), "{e}");
+    }
+
+    #[test]
     fn env_errors_name_the_variable() {
         let e = Config::from_env(&env(&[
             ("KEYPROXY_UPSTREAM", "nope"),

@@ -80,6 +80,12 @@ pub(super) fn injection(
         }
         (_, None) => {}
     }
+    if raw.headers.as_ref().is_some_and(BTreeMap::is_empty) {
+        problems.add(
+            k("headers"),
+            "an empty table sets no header: add \"Name\" = \"{secret.FIELD}\" entries or remove it",
+        );
+    }
     for (text, value) in raw.headers.unwrap_or_default() {
         let key = k(&format!("headers.{text}"));
         let Some(name) = header_name(&text, key.clone(), problems) else {
@@ -276,6 +282,7 @@ mod tests {
     fn every_injection_mistake_names_its_key() {
         let cases: &[(&str, &[&str])] = &[
             ("value = \"{secret.}\"", &["route[0].value"]),
+            ("headers = {}", &["route[0].headers"]),
             ("value = \"Bearer {secret.x\"", &["route[0].value"]),
             ("value = \"{secret.a b}\"", &["route[0].value"]),
             (
