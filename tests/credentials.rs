@@ -510,6 +510,7 @@ async fn the_allow_list_refuses_with_403_and_forwards_nothing() {
         get("/legacy/reports/a%2fb"),
         get("/legacy/reports/a%5Cb"),
         get("/legacy/reports/a%252Fb"),
+        get("/legacy/reports/a%%32%46b"),
         get("/legacy/files//etc"),
         get("/legacy//status"),
         get("/legacy/Status"),

@@ -12,7 +12,7 @@ use http::header::{HeaderName, HeaderValue};
 use keyproxy::cache::extract;
 use keyproxy::config::Config;
 use keyproxy::inject::{check_value, set_query, Injection, Template};
-use keyproxy::route::check_path;
+use keyproxy::route::{check_path, Allow};
 use keyproxy::secrets::Secret;
 use percent_encoding::percent_decode_str;
 use proptest::prelude::*;
@@ -525,5 +525,66 @@ proptest! {
     fn check_path_never_panics_on_any_text(p in any::<String>()) {
         let _ = check_path(&p);
         let _ = check_path(&format!("/{p}"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// route::Allow (the per-route allowlist)
+
+fn allow_path() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![
+            4 => "[a-z0-9]{1,4}",
+            1 => Just(String::new()),
+            1 => prop_oneof![
+                Just("%2F"), Just("%2f"), Just("%5C"), Just("%5c"), Just("%252F"), Just("%25252f"),
+                Just("%25"), Just("%20"), Just("%"), Just("\\"), Just(";x"), Just("*"),
+                Just("%%32%46"), Just("%2%46"), Just("%25%32%66"), Just("%25%"),
+            ]
+            .prop_map(str::to_owned),
+        ],
+        0..8,
+    )
+    .prop_map(|segs| format!("/{}", segs.join("/")))
+}
+
+/// Whether a segment of `path` would read as more than one segment to an upstream that decodes
+/// it (any depth of `%25`), or is empty inside the path.
+fn ambiguous(path: &str) -> bool {
+    let body = path.strip_prefix('/').unwrap_or(path);
+    let segs: Vec<&str> = body.split('/').collect();
+    segs.iter().enumerate().any(|(i, s)| {
+        let mut text = s.to_string();
+        let mut bad = (s.is_empty() && i + 1 < segs.len()) || text.contains('\\');
+        for _ in 0..4 {
+            text = percent_decode_str(&text).decode_utf8_lossy().into_owned();
+            bad |= text.contains('/') || text.contains('\\');
+        }
+        bad
+    })
+}
+
+proptest! {
+    #![proptest_config(cases(1024))]
+
+    #[test]
+    fn allow_never_lets_an_ambiguous_path_through(p in allow_path(), m in "(GET|POST|\\*)") {
+        let patterns = vec![format!("{m} /**"), format!("{m} /*/*"), "* /*".to_owned()];
+        let allow = Allow::parse(&patterns).expect("patterns");
+        if ambiguous(&p) {
+            prop_assert!(!allow.permits("GET", &p), "permitted {p:?}");
+        }
+        // `**` alone permits every unambiguous path (any method with `*`).
+        if m == "*" && !ambiguous(&p) {
+            prop_assert!(allow.permits("DELETE", &p), "refused {p:?}");
+        }
+    }
+
+    #[test]
+    fn allow_parse_and_match_never_panic(pattern in any::<String>(), p in any::<String>()) {
+        if let Ok(a) = Allow::parse(&[pattern]) {
+            let _ = a.permits("GET", &p);
+            let _ = a.permits("GET", &format!("/{p}"));
+        }
     }
 }
