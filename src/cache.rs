@@ -35,12 +35,13 @@ use tokio::time::Instant;
 
 use arc_swap::ArcSwapOption;
 use rand::Rng;
-use serde_json::Value;
 use tokio::task::JoinHandle;
+
+use serde_json::Value;
 
 use crate::backoff::{self, ThrottleGate};
 use crate::config::RouteConfig;
-use crate::inject::{Credential, Injection};
+use crate::inject::{Credential, Injection, Values};
 use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
 use crate::oauth2::{Exchange, Token};
 use crate::secrets::aws::AssumeRole;
@@ -73,14 +74,16 @@ pub struct PendingHold {
 /// How long pending credentials may stand in for a refused current version at most.
 const PENDING_HOLD_MAX: Duration = Duration::from_secs(3600);
 
-/// A route's use of an entry: which field of the secret, injected how.
+/// A route's use of an entry: what `{secret}` stands for, and what is injected how. Each
+/// version renders one [`Credential`] per consumer, every header of it from that version.
 #[derive(Debug, Clone)]
 pub struct Consumer {
     /// Route name (for log lines).
     pub route: String,
-    /// JSON field holding the key, or the whole text.
+    /// JSON field `{secret}` stands for, or `None`: the whole text. `{secret.FIELD}` reads
+    /// fields of the whole text either way.
     pub field: Option<String>,
-    /// How the key is rendered.
+    /// The headers and query parameter it sets, and their templates.
     pub injection: Injection,
 }
 
@@ -239,19 +242,10 @@ impl std::fmt::Debug for Entry {
 /// The key inside a secret's text: the JSON `field` of it, or the whole text. The error says
 /// why the value cannot be used, never what it is.
 pub fn extract(value: &Secret, field: Option<&str>) -> Result<Secret, String> {
-    let Some(field) = field else {
-        return Ok(value.clone());
-    };
-    let doc: Value = serde_json::from_str(value.expose())
-        .map_err(|e| format!("secret_field {field:?} is set but the value is not JSON ({e})"))?;
-    match doc.get(field) {
-        Some(Value::String(s)) => Ok(Secret::new(s.clone())),
-        Some(_) => Err(format!("JSON field {field:?} is not a string")),
-        None if doc.is_object() => Err(format!("JSON field {field:?} is missing")),
-        None => Err(format!(
-            "secret_field {field:?} is set but the value is not a JSON object"
-        )),
-    }
+    Values::new(value.expose(), field)
+        .secret()
+        .map(Secret::new)
+        .map_err(|e| e.to_string())
 }
 
 impl Entry {
@@ -423,23 +417,19 @@ impl Entry {
             .set(1);
     }
 
-    /// Renders every consumer's credential from `value`, or refuses the value (recorded).
+    /// Renders every consumer's credential from `value` (one version: every header of a route
+    /// from the same text), or refuses the value (recorded; the last good value stays).
     fn render(&self, value: &Secret) -> Result<Vec<Credential>, SourceError> {
         self.check_clients(value)?;
         let mut creds = Vec::with_capacity(self.consumers.len());
         for c in &self.consumers {
-            let rendered = extract(value, c.field.as_deref())
-                .and_then(|v| c.injection.render(&v).map_err(|e| e.to_string()));
-            match rendered {
+            let values = Values::new(value.expose(), c.field.as_deref());
+            match c.injection.render_values(&values) {
                 Ok(cred) => creds.push(cred),
-                Err(detail) => {
+                Err(e) => {
                     let err = SourceError::Invalid {
                         id: self.secret_id.clone(),
-                        detail: format!(
-                            "refused for route {:?} ({}): {detail}",
-                            c.route,
-                            c.injection.describe()
-                        ),
+                        detail: format!("refused for route {:?}: {e}", c.route),
                     };
                     self.record_error(err.clone());
                     return Err(err);
@@ -1051,10 +1041,11 @@ mod tests {
             secret_id: "s".into(),
             version_stage: "AWSCURRENT".into(),
             secret_field: field.map(str::to_owned),
-            injection: Injection::Header {
-                name: HeaderName::from_static("authorization"),
-                template: Template::parse("Bearer {secret}").expect("t"),
-            },
+            injection: Injection::header(
+                HeaderName::from_static("authorization"),
+                Template::parse("Bearer {secret}").expect("t"),
+            ),
+            allow: None,
             refresh_interval: Duration::from_secs(60),
             refresh_cooldown: Duration::from_secs(5),
             pending_fallback: true,
@@ -1083,9 +1074,13 @@ mod tests {
     }
 
     fn header(l: &Loaded, i: usize) -> String {
-        match &l.creds[i] {
-            Credential::Header(v) => v.to_str().expect("ascii").to_owned(),
-            Credential::Query(q) => q.clone(),
+        let c = &l.creds[i];
+        match c.headers().first() {
+            Some((_, v)) => v.to_str().expect("ascii").to_owned(),
+            None => c
+                .query()
+                .map(|(_, pair)| pair.to_owned())
+                .unwrap_or_default(),
         }
     }
 

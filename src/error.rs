@@ -31,6 +31,15 @@ pub enum ProxyError {
     /// when `HTTPS_PROXY` points at keyproxy).
     #[error("CONNECT is not supported: keyproxy cannot add a key inside a TLS tunnel. Call the API as http://HOST/... with HTTP_PROXY (not HTTPS_PROXY) pointing at keyproxy, which connects to the API over HTTPS, and list every host that is not an API behind keyproxy in NO_PROXY")]
     Connect,
+    /// The route's `allow` list has no pattern for this method and path; nothing was
+    /// forwarded.
+    #[error("the route's allow list does not permit {method} {path}")]
+    NotAllowed {
+        /// The request's method.
+        method: String,
+        /// The path below the route's prefix, shortened if long (no query string).
+        path: String,
+    },
     /// The app-side token is missing or wrong.
     #[error("missing or wrong app token in header {0}")]
     AppToken(String),
@@ -49,13 +58,33 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// [`ProxyError::NotAllowed`] for `method` and `path` (cut to 200 bytes: the answer names
+    /// what was refused without echoing a long request back; the prefix itself shows as `/`,
+    /// as the allow list reads it).
+    pub fn not_allowed(method: &str, path: &str) -> ProxyError {
+        const MAX: usize = 200;
+        let mut path = if path.is_empty() { "/" } else { path }.to_owned();
+        if path.len() > MAX {
+            let mut end = MAX;
+            while !path.is_char_boundary(end) {
+                end -= 1;
+            }
+            path.truncate(end);
+            path.push_str("...");
+        }
+        ProxyError::NotAllowed {
+            method: method.chars().take(32).collect(),
+            path,
+        }
+    }
+
     /// The status this error is answered with.
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::AppToken(_) => StatusCode::FORBIDDEN,
+            ProxyError::AppToken(_) | ProxyError::NotAllowed { .. } => StatusCode::FORBIDDEN,
             ProxyError::NoKey(_) | ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -69,6 +98,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::Connect => "connect_not_supported",
             ProxyError::AppToken(_) => "app_token",
+            ProxyError::NotAllowed { .. } => "not_allowed",
             ProxyError::NoKey(_) => "no_key",
             ProxyError::Unreachable(_) => "upstream_unreachable",
             ProxyError::Timeout(_) => "upstream_timeout",
@@ -171,6 +201,9 @@ mod tests {
         assert_eq!(ProxyError::Timeout("30s".into()).status(), 504);
         assert_eq!(ProxyError::NoKey("x".into()).status(), 503);
         assert_eq!(ProxyError::Connect.status(), 405);
+        let e = ProxyError::not_allowed("DELETE", &format!("/x{}", "a".repeat(500)));
+        assert_eq!((e.status().as_u16(), e.kind()), (403, "not_allowed"));
+        assert!(e.to_string().len() < 300, "{e}");
         let m = ProxyError::Connect.to_string();
         assert!(
             m.contains("http://HOST/")

@@ -17,9 +17,10 @@
 //! - [`routes`]: what a route is at run time (settings, credential slot, metric handles, the
 //!   HTTP/1.1 [`pool`] and the hyper client), owned by neither engine; the 401 decision.
 //! - [`route`]: the request rules both engines call: route match by path prefix (reverse mode)
-//!   or host (forward mode), path checks, the `Host` count, the app token.
-//! - [`inject`]: value templates (`Bearer {secret}`), header and query-parameter credentials,
-//!   the upstream target.
+//!   or host (forward mode), path checks, the `allow` list, the `Host` count, the app token.
+//! - [`inject`]: value templates (`Bearer {secret}`, `{secret.FIELD}`), a route's credential
+//!   (several headers, Basic auth, a query parameter) rendered from one secret version, the
+//!   upstream target.
 //! - [`limits`]: limits and timeouts both engines apply.
 //! - [`cache`]: one `ArcSwap` entry per (role, secret, stage); background refresh with jitter and
 //!   backoff; single-flight, rate-limited refresh for the 401 path and `POST /refresh`.

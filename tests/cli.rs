@@ -333,3 +333,68 @@ fn quickstart_cargo_run_picks_the_proxy_binary() {
         "Cargo.toml lacks default-run"
     );
 }
+
+#[test]
+fn check_names_each_credential_and_allow_mistake() {
+    let text = format!(
+        r#"{ROUTE}headers = {{ "X-Api-Key" = "{{secret.}}", "Bad Name" = "{{secret.x}}", "X-Api-Secret" = "{{secret.key_secret" }}
+allow = ["/reports", "G(T /x", "GET reports", "GET /a/***", "GET /a/**x", "GET /ok"]
+
+[[route]]
+name = "b"
+path_prefix = "/b"
+upstream = "https://api.example.com"
+secret_id = "s2"
+basic_auth = {{ username = "{{secret.user}}" }}
+"#
+    );
+    let (code, out, err) = keyproxy(&["check"], Some(&text), &[]);
+    assert_eq!(code, 64, "{out}{err}");
+    for part in [
+        "route \"a\" (#1) headers.Bad Name: \"Bad Name\" is not a valid header name",
+        "route \"a\" (#1) headers.X-Api-Key: \"{secret.}\": {secret.} names no field",
+        "route \"a\" (#1) headers.X-Api-Secret: \"{secret.key_secret\": a {secret. placeholder is not closed",
+        "route \"a\" (#1) allow[0]: \"/reports\": expected METHOD PATH",
+        "route \"a\" (#1) allow[1]: \"G(T /x\": \"G(T\" is not a method",
+        "route \"a\" (#1) allow[2]: \"GET reports\": the path must start with '/'",
+        "route \"a\" (#1) allow[3]: \"GET /a/***\": \"***\": '*' (one segment) and '**' (any number) must be a whole segment",
+        "route \"a\" (#1) allow[4]: \"GET /a/**x\"",
+        "route \"b\" (#2) basic_auth.password: missing",
+    ] {
+        assert!(err.contains(part), "expected {part:?} in:\n{err}");
+    }
+    assert!(err.contains("9 problems"), "{err}");
+
+    // The issue's example checks clean; unknown fields wait for run time.
+    let good = r#"[source]
+type = "file"
+path = "secrets.json"
+
+[[route]]
+name = "ads"
+path_prefix = "/ads"
+upstream = "https://ads.example/api"
+secret_id = "prod/ads/key"
+headers = { "X-Api-Key" = "{secret.key_id}", "X-Api-Secret" = "{secret.key_secret}" }
+
+[[route]]
+name = "legacy"
+path_prefix = "/legacy"
+upstream = "https://legacy.example"
+secret_id = "prod/legacy/login"
+basic_auth = { username = "{secret.user}", password = "{secret.pass}" }
+allow = ["GET /reports/*", "POST /reports/*/run", "GET /status"]
+"#;
+    let dir = scratch("cli-cred");
+    std::fs::write(dir.join("secrets.json"), "{}").expect("write");
+    let path = dir.join("k.toml");
+    std::fs::write(&path, good).expect("write");
+    let (code, out, err) = keyproxy(
+        &["check", "--config", &path.display().to_string()],
+        None,
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("headers x-api-key, x-api-secret"), "{out}");
+    assert!(out.contains("basic auth"), "{out}");
+}

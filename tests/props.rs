@@ -11,8 +11,8 @@ use std::path::Path;
 use http::header::{HeaderName, HeaderValue};
 use keyproxy::cache::extract;
 use keyproxy::config::Config;
-use keyproxy::inject::{check_value, set_query, Credential, Injection, Template};
-use keyproxy::route::check_path;
+use keyproxy::inject::{check_value, set_query, Injection, Template};
+use keyproxy::route::{check_path, Allow};
 use keyproxy::secrets::Secret;
 use percent_encoding::percent_decode_str;
 use proptest::prelude::*;
@@ -267,19 +267,20 @@ proptest! {
     fn header_credentials_are_valid_header_values(text in template_text(), secret in secret_text()) {
         let Ok(template) = Template::parse(&text) else { return Ok(()); };
         prop_assert_eq!(template.as_text(), text.clone());
-        let inj = Injection::Header {
-            name: HeaderName::from_static("authorization"),
-            template,
-        };
+        // `{secret.FIELD}` reads JSON: not what this property is about.
+        if template.fields().next().is_some() { return Ok(()); }
+        let inj = Injection::header(HeaderName::from_static("authorization"), template);
         match inj.render(&Secret::new(secret.clone())) {
-            Ok(Credential::Header(v)) => {
+            Ok(c) => {
+                prop_assert!(c.query().is_none(), "a header injection gave a query");
+                prop_assert_eq!(c.headers().len(), 1);
+                let v = &c.headers()[0].1;
                 prop_assert!(!v.as_bytes().contains(&b'\r') && !v.as_bytes().contains(&b'\n'));
                 prop_assert!(HeaderValue::from_bytes(v.as_bytes()).is_ok());
                 prop_assert!(v.is_sensitive());
                 let expected = text.replace("{secret}", &secret);
                 prop_assert_eq!(v.as_bytes(), expected.as_bytes());
             }
-            Ok(Credential::Query(_)) => prop_assert!(false, "a header injection gave a query"),
             Err(e) => {
                 prop_assert!(
                     check_value(&secret).is_err(),
@@ -296,9 +297,12 @@ proptest! {
         param in prop_oneof!["[a-z_]{1,8}", any::<String>().prop_filter("non-empty", |s| !s.is_empty())],
     ) {
         let Ok(template) = Template::parse(&text) else { return Ok(()); };
-        let inj = Injection::Query { param: param.clone(), template };
+        if template.fields().next().is_some() { return Ok(()); }
+        let inj = Injection::query(param.clone(), template);
         match inj.render(&Secret::new(secret.clone())) {
-            Ok(Credential::Query(pair)) => {
+            Ok(c) => {
+                prop_assert!(c.headers().is_empty(), "a query injection gave a header");
+                let (_, pair) = c.query().unwrap_or_default();
                 prop_assert!(
                     pair.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~%=".contains(&b)),
                     "only unreserved characters and escapes: {pair:?}"
@@ -312,7 +316,6 @@ proptest! {
                 let uri = format!("/x?{pair}");
                 prop_assert!(http::uri::PathAndQuery::try_from(uri.as_str()).is_ok(), "{uri:?}");
             }
-            Ok(Credential::Header(_)) => prop_assert!(false, "a query injection gave a header"),
             Err(_) => prop_assert!(check_value(&secret).is_err()),
         }
     }
@@ -522,5 +525,66 @@ proptest! {
     fn check_path_never_panics_on_any_text(p in any::<String>()) {
         let _ = check_path(&p);
         let _ = check_path(&format!("/{p}"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// route::Allow (the per-route allowlist)
+
+fn allow_path() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop_oneof![
+            4 => "[a-z0-9]{1,4}",
+            1 => Just(String::new()),
+            1 => prop_oneof![
+                Just("%2F"), Just("%2f"), Just("%5C"), Just("%5c"), Just("%252F"), Just("%25252f"),
+                Just("%25"), Just("%20"), Just("%"), Just("\\"), Just(";x"), Just("*"),
+                Just("%%32%46"), Just("%2%46"), Just("%25%32%66"), Just("%25%"),
+            ]
+            .prop_map(str::to_owned),
+        ],
+        0..8,
+    )
+    .prop_map(|segs| format!("/{}", segs.join("/")))
+}
+
+/// Whether a segment of `path` would read as more than one segment to an upstream that decodes
+/// it (any depth of `%25`), or is empty inside the path.
+fn ambiguous(path: &str) -> bool {
+    let body = path.strip_prefix('/').unwrap_or(path);
+    let segs: Vec<&str> = body.split('/').collect();
+    segs.iter().enumerate().any(|(i, s)| {
+        let mut text = s.to_string();
+        let mut bad = (s.is_empty() && i + 1 < segs.len()) || text.contains('\\');
+        for _ in 0..4 {
+            text = percent_decode_str(&text).decode_utf8_lossy().into_owned();
+            bad |= text.contains('/') || text.contains('\\');
+        }
+        bad
+    })
+}
+
+proptest! {
+    #![proptest_config(cases(1024))]
+
+    #[test]
+    fn allow_never_lets_an_ambiguous_path_through(p in allow_path(), m in "(GET|POST|\\*)") {
+        let patterns = vec![format!("{m} /**"), format!("{m} /*/*"), "* /*".to_owned()];
+        let allow = Allow::parse(&patterns).expect("patterns");
+        if ambiguous(&p) {
+            prop_assert!(!allow.permits("GET", &p), "permitted {p:?}");
+        }
+        // `**` alone permits every unambiguous path (any method with `*`).
+        if m == "*" && !ambiguous(&p) {
+            prop_assert!(allow.permits("DELETE", &p), "refused {p:?}");
+        }
+    }
+
+    #[test]
+    fn allow_parse_and_match_never_panic(pattern in any::<String>(), p in any::<String>()) {
+        if let Ok(a) = Allow::parse(&[pattern]) {
+            let _ = a.permits("GET", &p);
+            let _ = a.permits("GET", &format!("/{p}"));
+        }
     }
 }

@@ -19,6 +19,7 @@ const ROUTE_ENV: &[&str] = &[
     "KEYPROXY_HEADER",
     "KEYPROXY_VALUE",
     "KEYPROXY_QUERY_PARAM",
+    "KEYPROXY_ALLOW",
     "KEYPROXY_PATH_PREFIX",
     "KEYPROXY_REFRESH_INTERVAL",
     "KEYPROXY_REFRESH_COOLDOWN",
@@ -106,6 +107,15 @@ fn route(env: &HashMap<String, String>, problems: &mut Problems) -> RawRoute {
         header: get("KEYPROXY_HEADER"),
         value: get("KEYPROXY_VALUE"),
         query_param: get("KEYPROXY_QUERY_PARAM"),
+        headers: None,
+        basic_auth: None,
+        // Comma-separated `METHOD PATH` patterns (a pattern has no comma).
+        allow: get("KEYPROXY_ALLOW").map(|v| {
+            v.split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect()
+        }),
         retry_on_401,
         http2,
         max_replay_body: get("KEYPROXY_MAX_REPLAY_BODY").map(SizeValue::Text),
@@ -242,6 +252,26 @@ mod tests {
         assert_eq!(c.routes[0].refresh_interval, Duration::from_secs(30));
         assert_eq!(c.listen.port(), 18081);
         assert_eq!(c.origin, "environment");
+    }
+
+    #[test]
+    fn env_allow_is_comma_separated() {
+        let base = [
+            ("KEYPROXY_UPSTREAM", "https://api.example.com"),
+            ("KEYPROXY_SECRET_ID", "prod/x"),
+        ];
+        let with = |allow: &str| {
+            let mut pairs = base.to_vec();
+            pairs.push(("KEYPROXY_ALLOW", allow));
+            Config::from_env(&env(&pairs))
+        };
+        let c = with("GET /reports/*, POST /reports/*/run").expect("valid");
+        let a = c.routes[0].allow.as_ref().expect("allow");
+        assert!(a.permits("POST", "/reports/1/run"));
+        assert!(!a.permits("GET", "/admin"));
+        let e = with("GET /ok, reports").expect_err("bad");
+        assert_eq!(keys(&e), vec!["KEYPROXY_ALLOW"]);
+        assert!(e.to_string().contains("\"reports\""), "{e}");
     }
 
     #[test]

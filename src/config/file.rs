@@ -85,6 +85,9 @@ pub(super) struct RawRoute {
     pub(super) header: Option<String>,
     pub(super) value: Option<String>,
     pub(super) query_param: Option<String>,
+    pub(super) headers: Option<std::collections::BTreeMap<String, String>>,
+    pub(super) basic_auth: Option<RawBasicAuth>,
+    pub(super) allow: Option<Vec<String>>,
     pub(super) retry_on_401: Option<bool>,
     pub(super) http2: Option<bool>,
     pub(super) max_replay_body: Option<SizeValue>,
@@ -106,6 +109,13 @@ pub(super) struct RawOAuth2 {
     pub(super) client_id_field: Option<String>,
     pub(super) client_secret_field: Option<String>,
     pub(super) refresh_ahead: Option<String>,
+}
+
+/// `basic_auth = { username = "...", password = "..." }`.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawBasicAuth {
+    pub(super) username: Option<String>,
+    pub(super) password: Option<String>,
 }
 
 /// The most values of the wrong type reported from one file (each costs a parse).
@@ -295,7 +305,6 @@ fn display_path(p: &str) -> String {
 mod tests {
     use crate::config::test_support::{keys, toml, MINIMAL};
     use crate::config::SourceConfig;
-    use crate::inject::Injection;
 
     #[test]
     fn full_file_parses_every_key() {
@@ -332,7 +341,7 @@ mod tests {
         assert_eq!(r.host.as_deref(), Some("maps.example.com"));
         assert_eq!(r.max_replay_body, 1024 * 1024);
         assert!(!r.http2);
-        assert!(matches!(&r.injection, Injection::Query { param, .. } if param == "key"));
+        assert_eq!(r.injection.query_template().map(|(p, _)| p), Some("key"));
         match &c.source {
             SourceConfig::Aws(a) => assert_eq!(a.region.as_deref(), Some("eu-west-1")),
             SourceConfig::File(_) => panic!("aws expected"),

@@ -14,8 +14,9 @@
 //!   override a file).
 //! - `validate`: raw settings → [`Config`], one small check per setting, by section: `global`
 //!   (listeners, timeouts, limits, CA bundle), `source` (`[source]`, `[aws]`), `app_auth`,
-//!   `route` (each `[[route]]`, the route list, [`parse_upstream`]), `injection` (header or
-//!   query parameter, value template), `oauth2` (`[route.oauth2]`).
+//!   `route` (each `[[route]]`, the route list, `allow`, [`parse_upstream`]), `injection`
+//!   (`header`/`value`, `query_param`, `headers`, `basic_auth`, their templates), `oauth2`
+//!   (`[route.oauth2]`).
 //! - [`defaults`]: every default value and bound, as named constants.
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 
 use crate::inject::Injection;
+use crate::route::Allow;
 use crate::secrets::aws::AwsSettings;
 
 pub mod defaults;
@@ -127,8 +129,11 @@ pub struct RouteConfig {
     pub version_stage: String,
     /// JSON field of the secret's text holding the key; `None`: the whole text.
     pub secret_field: Option<String>,
-    /// Where the key goes ([`defaults::HEADER`], [`defaults::HEADER_VALUE`]).
+    /// What is injected where: `header`/`value` or `query_param`, `headers`, `basic_auth`
+    /// ([`defaults::HEADER`], [`defaults::HEADER_VALUE`] when none is set).
     pub injection: Injection,
+    /// `allow`: the `METHOD PATH` patterns a request must match; `None`: every request.
+    pub allow: Option<Allow>,
     /// Background refresh period (± jitter; [`defaults::REFRESH_INTERVAL`]).
     pub refresh_interval: Duration,
     /// After a forced (401-triggered) refresh that found nothing newer, the time before another
@@ -409,8 +414,14 @@ mod tests {
         assert_eq!(r.max_replay_body, 256 * 1024);
         assert!(r.retry_on_401);
         assert!(!r.http2, "HTTP/1.1 to the upstream by default");
-        assert!(matches!(&r.injection, Injection::Header { name, template }
-            if name == "authorization" && template.as_text() == "Bearer {secret}"));
+        assert_eq!(
+            r.injection,
+            Injection::header(
+                http::header::AUTHORIZATION,
+                crate::inject::Template::parse("Bearer {secret}").expect("t")
+            )
+        );
+        assert!(r.allow.is_none());
         assert!(matches!(c.source, SourceConfig::Aws(_)));
     }
 }

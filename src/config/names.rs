@@ -28,7 +28,11 @@ impl Namer {
             Namer::File => format!("route[{i}].{key}"),
             Namer::Env => match key {
                 "name" => "KEYPROXY_ROUTE_NAME".into(),
-                k => format!("KEYPROXY_{}", k.to_uppercase()),
+                // `allow[2]` is the variable's third pattern: the variable is named.
+                k => format!(
+                    "KEYPROXY_{}",
+                    k.split(['[', '.']).next().unwrap_or(k).to_uppercase()
+                ),
             },
         }
     }

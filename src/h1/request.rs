@@ -9,9 +9,9 @@ use bytes::Bytes;
 use super::Conn;
 use crate::cache::Loaded;
 use crate::forward::is_hop_by_hop;
-use crate::inject::{write_target, Credential, Injection};
+use crate::inject::{write_target, Credential};
 use crate::limits::MAX_HEADERS;
-use crate::route::{app_token_ok, check_path, host_rule, host_value_ok, uri_byte};
+use crate::route::{allowed, app_token_ok, check_path, host_rule, host_value_ok, uri_byte};
 use crate::routes::Route;
 
 /// What the parsed head of an app request says to do.
@@ -71,7 +71,11 @@ impl Conn<'_> {
         };
         let strip = path.len() - m.rest.len();
         let route = &routes.list[m.route];
-        if route.pool.is_none() || check_path(path).is_err() {
+        // A refused path or method: the general path answers (400, 403).
+        if route.pool.is_none()
+            || check_path(path).is_err()
+            || !allowed(&route.config, method, m.rest)
+        {
             return Parsed::Handoff;
         }
         let Some(loaded) = route.slot.current() else {
@@ -80,10 +84,7 @@ impl Conn<'_> {
         if route.slot.credential(&loaded).is_none() {
             return Parsed::Handoff;
         }
-        let injected = match &route.config.injection {
-            Injection::Header { name, .. } => Some(name.as_str()),
-            Injection::Query { .. } => None,
-        };
+        let injection = &route.config.injection;
         let app_auth = routes.app_auth.as_ref();
         let mut token_ok = app_auth.is_none();
         let mut token_seen = false;
@@ -131,7 +132,7 @@ impl Conn<'_> {
                     continue;
                 }
             }
-            if injected.is_some_and(|inj| name.eq_ignore_ascii_case(inj)) {
+            if injection.sets_header(name) {
                 continue;
             }
             self.hdrs.extend_from_slice(name.as_bytes());
@@ -190,14 +191,7 @@ impl Conn<'_> {
             .query
             .as_deref()
             .map(|q| std::str::from_utf8(q).unwrap_or(""));
-        write_target(
-            out,
-            &up.base_path,
-            &self.path[self.strip..],
-            query,
-            cred,
-            &route.config.injection,
-        );
+        write_target(out, &up.base_path, &self.path[self.strip..], query, cred);
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(up.host_header.as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -211,14 +205,7 @@ impl Conn<'_> {
             push_decimal(out, length);
             out.extend_from_slice(b"\r\n");
         }
-        if let (Credential::Header(v), Injection::Header { name, .. }) =
-            (cred, &route.config.injection)
-        {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(v.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        out.extend_from_slice(cred.header_lines());
         out.extend_from_slice(b"\r\n");
     }
 }

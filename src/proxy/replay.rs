@@ -153,7 +153,6 @@ async fn keep(route: &Route, body: Incoming) -> Result<Prepared, ProxyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inject::Credential;
     use crate::proxy::test_support::{body_text, fixture, over_h1};
     use bytes::Bytes;
     use std::sync::Mutex;
@@ -172,9 +171,15 @@ mod tests {
         tower::service_fn(move |out: Outbound| {
             let seen = seen.clone();
             async move {
-                let cred = match out.routed.route.slot.credential(&out.key) {
-                    Some(Credential::Header(v)) => v.to_str().unwrap_or("?").to_owned(),
-                    _ => "?".to_owned(),
+                let cred = match out
+                    .routed
+                    .route
+                    .slot
+                    .credential(&out.key)
+                    .and_then(|c| c.headers().first())
+                {
+                    Some((_, v)) => v.to_str().unwrap_or("?").to_owned(),
+                    None => "?".to_owned(),
                 };
                 let body = body_text(out.routed.req.into_body()).await;
                 let ok = cred == good;

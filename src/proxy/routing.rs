@@ -1,6 +1,7 @@
 //! Request → route, fail closed: checks `Host` (one, and a host), matches a route (reverse mode by path
-//! prefix, forward mode by host), checks the path, and hands the inner layers a [`Routed`]
-//! request. No match: [`ProxyError::NoRoute`] (404), nothing forwarded.
+//! prefix, forward mode by host), checks the path and the route's `allow` list, and hands the
+//! inner layers a [`Routed`] request. No match: [`ProxyError::NoRoute`] (404); not in the
+//! allow list: [`ProxyError::NotAllowed`] (403); nothing forwarded either way.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,7 +14,7 @@ use super::observe::Outcome;
 use super::{pass, refuse, Checked, RouteRef, Routed};
 use crate::body::RespBody;
 use crate::error::ProxyError;
-use crate::route::{check_path, host_rule, host_value_ok};
+use crate::route::{allowed, check_path, host_rule, host_value_ok};
 use crate::routes::Routes;
 
 /// Builds [`Routing`] services.
@@ -71,8 +72,13 @@ where
         if let Some(outcome) = req.extensions().get::<Arc<Outcome>>() {
             outcome.routed(index);
         }
-        if let Err(e) = check_path(req.uri().path()) {
+        let path = req.uri().path();
+        if let Err(e) = check_path(path) {
             return refuse(ProxyError::BadRequest(e));
+        }
+        let rest = path.get(strip..).unwrap_or_default();
+        if !allowed(&self.routes.list[index].config, req.method().as_str(), rest) {
+            return refuse(ProxyError::not_allowed(req.method().as_str(), rest));
         }
         let route = RouteRef::new(self.routes.clone(), index);
         pass(self.inner.call(Routed { req, route, strip }))
@@ -195,6 +201,37 @@ mod tests {
             let what = format!("{} {:?}", req.uri(), req.headers());
             let e = route_of(req).await.expect_err(&what);
             assert_eq!(e.kind(), kind, "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_allow_list_is_checked_on_the_path_below_the_prefix_or_the_whole_path() {
+        let f = fixture("allow = [\"GET /v1/*\"]").await;
+        let svc = layer(f.routes.clone()).layer(tower::service_fn(answer));
+        let ok = request("GET", "/api/v1/x?q=/admin", &[("host", "x")]);
+        let resp = svc.clone().oneshot(ok).await.expect("allowed");
+        assert_eq!(
+            crate::proxy::test_support::body_text(resp).await,
+            "api /v1/x"
+        );
+        for (m, uri) in [
+            ("POST", "/api/v1/x"),
+            ("GET", "/api/v1/x/y"),
+            ("GET", "/api/v1/a%2Fb"),
+            ("GET", "/api/v2/x"),
+        ] {
+            let e = svc
+                .clone()
+                .oneshot(request(m, uri, &[("host", "x")]))
+                .await
+                .expect_err(uri);
+            assert_eq!(e.kind(), "not_allowed", "{m} {uri}");
+            assert_eq!(e.status(), 403);
+            let path = uri.trim_start_matches("/api");
+            assert_eq!(
+                e.to_string(),
+                format!("the route's allow list does not permit {m} {path}")
+            );
         }
     }
 

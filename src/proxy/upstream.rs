@@ -18,7 +18,7 @@ use super::{Outbound, Routed};
 use crate::body::{ReqBody, RespBody};
 use crate::error::ProxyError;
 use crate::forward::strip_hop_by_hop;
-use crate::inject::{write_target, Credential, Injection};
+use crate::inject::{write_target, Credential};
 use crate::routes::Route;
 
 /// Sends a request to its route's upstream and relays the answer.
@@ -100,7 +100,7 @@ fn rewrite(
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    route.config.injection.strip_header(&mut headers);
+    route.config.injection.strip_headers(&mut headers);
     // The upstream's authority goes in the URI only: over HTTP/1.1 the client writes it as
     // `Host`, over HTTP/2 as `:authority`, and never both (RFC 9113 §8.3.1; nginx answers a
     // request carrying both with 400).
@@ -117,7 +117,6 @@ fn rewrite(
         parts.uri.path().get(strip..).unwrap_or_default().as_bytes(),
         parts.uri.query(),
         cred,
-        &route.config.injection,
     );
     let path_and_query = PathAndQuery::try_from(target)
         .map_err(|_| ProxyError::BadRequest("the request path cannot be forwarded".into()))?;
@@ -127,9 +126,8 @@ fn rewrite(
         .path_and_query(path_and_query)
         .build()
         .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URL: {e}")))?;
-    if let (Credential::Header(v), Injection::Header { name, .. }) = (cred, &route.config.injection)
-    {
-        headers.insert(name.clone(), v.clone());
+    for (name, value) in cred.headers() {
+        headers.insert(name.clone(), value.clone());
     }
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;

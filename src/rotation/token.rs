@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use super::StepError;
 use crate::body::ProxyBody;
 use crate::forward::UpstreamClient;
-use crate::inject::{self, Credential, Injection, Template};
+use crate::inject::{self, Injection, Template};
 pub use crate::oauth2::endpoint::shown;
 use crate::oauth2::endpoint::{self, error_code, form_encode, secure_url, Answer, UrlProblem};
 use crate::secrets::Secret;
@@ -192,13 +192,13 @@ impl Master {
                     "set test_header or test_query_param, not both".to_owned()
                 ))
             }
-            (Some(param), None) if !param.is_empty() => Injection::Query { param, template },
+            (Some(param), None) if !param.is_empty() => Injection::query(param, template),
             (Some(_), None) => return Err(bad("test_query_param is empty".to_owned())),
             (None, header) => {
                 let name = header.unwrap_or_else(|| "authorization".to_owned());
                 let name = HeaderName::from_bytes(name.as_bytes())
                     .map_err(|_| bad("test_header is not a valid header name".to_owned()))?;
-                Injection::Header { name, template }
+                Injection::header(name, template)
             }
         };
         Ok(Master {
@@ -368,18 +368,17 @@ impl TokenClient {
             .method(Method::GET)
             .header(ACCEPT, "application/json")
             .header(USER_AGENT, user_agent());
-        let uri = match (&cred, &master.test_injection) {
-            (Credential::Header(value), Injection::Header { name, .. }) => {
-                builder = builder.header(name, value.clone());
-                url.clone()
-            }
-            (Credential::Query(pair), Injection::Query { param, .. }) => {
+        for (name, value) in cred.headers() {
+            builder = builder.header(name, value.clone());
+        }
+        let uri = match cred.query() {
+            Some((param, pair)) => {
                 let query = inject::set_query(url.query(), param, pair);
                 let mut parts = url.clone().into_parts();
                 parts.path_and_query = format!("{}?{query}", url.path()).parse().ok();
                 Uri::from_parts(parts).map_err(|_| unreachable("cannot build the URL".into()))?
             }
-            _ => return Err(unreachable("cannot present the key".into())),
+            None => url.clone(),
         };
         let req = builder
             .uri(uri)
@@ -474,7 +473,7 @@ mod tests {
         assert_eq!(m.secret_field, "api_key");
         assert_eq!(m.test_injection.describe(), "header x-api-key");
         let c = m.test_injection.render(&Secret::new("k1")).expect("render");
-        assert_eq!(c, Credential::Header(http::HeaderValue::from_static("k1")));
+        assert_eq!(c.header_lines(), b"x-api-key: k1\r\n");
     }
 
     #[test]

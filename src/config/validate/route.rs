@@ -1,5 +1,5 @@
-//! Routes: each `[[route]]` (matching, upstream, secret, timing, replay body) and the list as a
-//! whole (at least one; names, prefixes and hosts unique).
+//! Routes: each `[[route]]` (matching, `allow`, upstream, secret, timing, replay body) and the
+//! list as a whole (at least one; names, prefixes and hosts unique).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -13,6 +13,7 @@ use crate::config::defaults::{self, DurationSetting};
 use crate::config::file::{RawRoute, SizeValue};
 use crate::config::names::Namer;
 use crate::config::{Problems, RouteConfig, Upstream};
+use crate::route::Allow;
 
 /// Every route that passes its own checks, in order; problems for a missing route list and for
 /// a name, prefix or host used twice (checked for every route, whether or not its other settings
@@ -115,7 +116,26 @@ fn route(
     let secret_id = secret_id(r.secret_id, k("secret_id"), problems);
     let version_stage = version_stage(r.version_stage, k("version_stage"), problems);
     secret_field(r.secret_field.as_deref(), k("secret_field"), problems);
-    let injection = injection::injection(r.header, r.query_param, r.value, k, problems);
+    let injection = injection::injection(
+        injection::RawInjection {
+            header: r.header,
+            value: r.value,
+            query_param: r.query_param,
+            headers: r.headers,
+            basic_auth: r.basic_auth,
+        },
+        k,
+        problems,
+    );
+    if let (Some(f), Some(inj)) = (&r.secret_field, &injection) {
+        if !inj.uses_secret() {
+            problems.add(
+                k("secret_field"),
+                format!("{f:?} is set, but no template uses {{secret}} ({{secret.FIELD}} reads fields itself): remove it"),
+            );
+        }
+    }
+    let allow = r.allow.and_then(|a| allow(&a, k, problems));
     let mut timing = |key: &str, v: Option<String>, setting: DurationSetting| {
         duration(problems, k(key), v.as_deref(), setting)
     };
@@ -145,6 +165,7 @@ fn route(
         version_stage,
         secret_field: r.secret_field,
         injection: injection?,
+        allow,
         refresh_interval,
         refresh_cooldown,
         pending_fallback: r.pending_fallback.unwrap_or(defaults::PENDING_FALLBACK),
@@ -262,6 +283,31 @@ fn secret_field(v: Option<&str>, key: String, problems: &mut Problems) {
     }
 }
 
+/// `allow`: `METHOD PATH` patterns, compiled; a problem for each bad one (`allow[i]`), and for
+/// an empty list (which would refuse everything).
+fn allow(
+    patterns: &[String],
+    k: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) -> Option<Allow> {
+    if patterns.is_empty() {
+        problems.add(
+            k("allow"),
+            "an empty list allows nothing: list \"METHOD PATH\" patterns, or leave allow out to forward every request",
+        );
+        return None;
+    }
+    match Allow::parse(patterns) {
+        Ok(a) => Some(a),
+        Err(bad) => {
+            for (i, why) in bad {
+                problems.add(k(&format!("allow[{i}]")), why);
+            }
+            None
+        }
+    }
+}
+
 /// `max_replay_body`: a number of bytes or a size such as `"256KiB"`, at most
 /// [`defaults::MAX_REPLAY_BODY_LIMIT`].
 fn max_replay_body(v: Option<SizeValue>, key: String, problems: &mut Problems) -> u64 {
@@ -342,6 +388,48 @@ mod tests {
         ))
         .expect_err("overlap");
         assert_eq!(keys(&e), vec!["route[1].name", "route[1].path_prefix"]);
+    }
+
+    #[test]
+    fn allow_patterns_are_checked_each_by_its_key() {
+        let c = toml(&format!(
+            "{MINIMAL}\nallow = [\"GET /reports/*\", \"POST /reports/*/run\", \"* /status/**\", \"GET /\"]"
+        ))
+        .expect("valid");
+        let a = c.routes[0].allow.as_ref().expect("allow");
+        assert!(a.permits("GET", "/reports/1"));
+        assert!(!a.permits("DELETE", "/reports/1"));
+        let e = toml(&format!(
+            "{MINIMAL}\nallow = [\"/reports\", \"G@T /x\", \"GET reports\", \"GET /a/***\", \"GET /a/**x\", \"get /x\", \"GET /a//b\", \"GET /ok\", \"GET /a b\", \"GET /a%2Fb\", \"GET /r*\"]"
+        ))
+        .expect_err("bad");
+        let want: Vec<String> = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10]
+            .iter()
+            .map(|i| format!("route[0].allow[{i}]"))
+            .collect();
+        assert_eq!(keys(&e), want, "{e}");
+        let text = e.to_string();
+        for part in [
+            "expected METHOD PATH",
+            "is not a method",
+            "must start with '/'",
+            "must be a whole segment",
+            "case-sensitive: write \"GET\"",
+            "empty segment",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        let e = toml(&format!("{MINIMAL}\nallow = []")).expect_err("empty");
+        assert_eq!(keys(&e), vec!["route[0].allow"]);
+    }
+
+    #[test]
+    fn secret_field_without_a_secret_placeholder_is_refused() {
+        let e = toml(&format!(
+            "{MINIMAL}\nsecret_field = \"a\"\nheaders = {{ \"X-A\" = \"{{secret.a}}\" }}"
+        ))
+        .expect_err("unused");
+        assert_eq!(keys(&e), vec!["route[0].secret_field"]);
     }
 
     #[test]
