@@ -1,6 +1,6 @@
 //! `[route.oauth2]`: the token endpoint, how the client authenticates, the secret's fields, and
 //! when to mint ahead; and what an OAuth2 route may not combine it with (a query parameter,
-//! `secret_field`).
+//! `secret_field`, `headers`, `basic_auth`, a `{secret.FIELD}` template).
 
 use super::duration;
 use crate::config::defaults;
@@ -22,6 +22,24 @@ pub(super) fn oauth2(
         problems.add(
             k("query_param"),
             "an OAuth2 access token goes in a header: remove query_param, or [route.oauth2]",
+        );
+    }
+    if r.headers.is_some() {
+        problems.add(
+            k("headers"),
+            "an OAuth2 route injects one access token through header/value: remove headers, or [route.oauth2]",
+        );
+    }
+    if r.basic_auth.is_some() {
+        problems.add(
+            k("basic_auth"),
+            "an OAuth2 route sends its access token, not a password: remove basic_auth, or [route.oauth2]",
+        );
+    }
+    if r.value.as_deref().is_some_and(|v| v.contains("{secret.")) {
+        problems.add(
+            k("value"),
+            "with [route.oauth2], {secret} is the access token; {secret.FIELD} would read the client credentials: use {secret}",
         );
     }
     if r.secret_field.is_some() {
@@ -193,6 +211,23 @@ scopes = "x"
             "{e}"
         );
         assert!(e.to_string().contains("https is required"), "{e}");
+        let e = toml(&format!(
+            r#"{MINIMAL}value = "Token {{secret.client_id}}"
+headers = {{ "X-Id" = "{{secret.client_id}}" }}
+basic_auth = {{ username = "{{secret.client_id}}", password = "{{secret.client_secret}}" }}
+[route.oauth2]
+token_url = "https://auth.example.com/token"
+"#
+        ))
+        .expect_err("combined with other credentials");
+        let mut got = keys(&e);
+        got.sort();
+        got.dedup();
+        assert_eq!(
+            got,
+            vec!["route[0].basic_auth", "route[0].headers", "route[0].value"],
+            "{e}"
+        );
         let e = toml(&format!("{MINIMAL}[route.oauth2]\nscope = \"a\"\n")).expect_err("no url");
         assert_eq!(keys(&e), vec!["route[0].oauth2.token_url"]);
     }
