@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use keyproxy::config::{Config, DEFAULT_ADMIN_LISTEN};
+use keyproxy::config::{Config, Listen, DEFAULT_ADMIN_LISTEN};
 use keyproxy::dev::{DevApi, Issuer};
 use keyproxy::rotation::{self, RotateOptions};
 use keyproxy::secrets::Secret;
@@ -83,9 +83,10 @@ enum Command {
         /// Check /readyz (every route has a key) instead of /healthz.
         #[arg(long)]
         ready: bool,
-        /// Admin address (else KEYPROXY_ADMIN_LISTEN, the config's admin_listen, or the default).
+        /// Admin address, IP:port or unix:/path (else KEYPROXY_ADMIN_LISTEN, the config's
+        /// admin_listen, or the default).
         #[arg(long)]
-        admin: Option<SocketAddr>,
+        admin: Option<Listen>,
         /// Config file whose admin_listen to check, when neither --admin nor
         /// KEYPROXY_ADMIN_LISTEN is given.
         #[arg(long, short, env = "KEYPROXY_CONFIG")]
@@ -227,7 +228,7 @@ fn check(config: Option<&Path>) -> ExitCode {
 /// `keyproxy health`: GET `/healthz` (or `/readyz`) on the admin address.
 fn health(
     ready: bool,
-    admin: Option<SocketAddr>,
+    admin: Option<Listen>,
     config: Option<&Path>,
     timeout: Duration,
 ) -> ExitCode {
@@ -249,7 +250,7 @@ fn health(
     };
     let path = if ready { "/readyz" } else { "/healthz" };
     match runtime(Some(1)).and_then(|rt| {
-        rt.block_on(keyproxy::admin_client::get(addr, path, timeout))
+        rt.block_on(keyproxy::admin_client::get(&addr, path, timeout))
             .map_err(|e| e.to_string())
     }) {
         Ok((200, _)) => ExitCode::SUCCESS,

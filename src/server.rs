@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,17 +16,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::admin::{self, AdminState};
 use crate::cache::SecretCache;
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, Listen, SourceConfig};
 use crate::drain::Drain;
 use crate::error::ProxyError;
 use crate::forward;
 use crate::h1::{self, Rewind, Served};
 use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
+use crate::listener::{BindError, Listener};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::routes::Routes;
@@ -44,19 +43,29 @@ pub enum RunError {
         /// `listen` or `admin_listen`.
         what: &'static str,
         /// The address.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
+        addr: Listen,
+        /// What went wrong.
+        source: BindError,
     },
     /// The upstream client could not be built.
     #[error(transparent)]
     Client(#[from] forward::ClientError),
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { what, addr, source })
+/// Binds a listener and returns it with its address (the port the system picked for port 0).
+async fn bind(
+    what: &'static str,
+    addr: &Listen,
+    mode: u32,
+) -> Result<(Listener, Listen), RunError> {
+    let fail = |source| RunError::Bind {
+        what,
+        addr: addr.clone(),
+        source,
+    };
+    let listener = Listener::bind(addr, mode).await.map_err(fail)?;
+    let local = listener.local().map_err(|e| fail(e.into()))?;
+    Ok((listener, local))
 }
 
 /// Builds the secret source the config names.
@@ -71,20 +80,9 @@ pub async fn source(config: &Config) -> Arc<dyn SecretSource> {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let tls = forward::tls_config(config.ca_bundle.as_deref())?;
-    let app_listener = bind("listen", config.listen).await?;
-    let admin_listener = bind("admin_listen", config.admin_listen).await?;
-    let app_addr = app_listener.local_addr().map_err(|source| RunError::Bind {
-        what: "listen",
-        addr: config.listen,
-        source,
-    })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| RunError::Bind {
-            what: "admin_listen",
-            addr: config.admin_listen,
-            source,
-        })?;
+    let (app_listener, app_addr) = bind("listen", &config.listen, config.listen_mode).await?;
+    let (admin_listener, admin_addr) =
+        bind("admin_listen", &config.admin_listen, config.listen_mode).await?;
 
     let source = source(&config).await;
     let (mut cache, slots) = SecretCache::new(&config.routes, source.clone(), metrics.clone());
@@ -107,7 +105,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         draining: AtomicBool::new(false),
     });
 
-    if !app_addr.ip().is_loopback() && config.app_auth.is_none() {
+    // A Unix socket is guarded by its file's permissions instead.
+    let exposed = app_addr.tcp().is_some_and(|a| !a.ip().is_loopback());
+    if exposed && config.app_auth.is_none() {
         tracing::warn!(addr = %app_addr,
             "the app listener is not on loopback and no app token is required: anything that can reach this address can use the keys; set [app_auth] or listen on 127.0.0.1");
     }
@@ -161,7 +161,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             });
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let general = general.clone();
         let routes = routes.clone();
         let drain = drain.clone();
@@ -203,6 +202,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         () = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; closing the remaining connections"),
     }
     admin_task.abort();
+    // The admin listener (and a Unix socket file) is gone once the task is.
+    let _ = admin_task.await;
     Ok(())
 }
 
@@ -215,7 +216,7 @@ fn is_local(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
+async fn serve_admin(listener: Listener, state: Arc<AdminState>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -16,6 +16,7 @@
 //!   (listeners, timeouts, limits, CA bundle), `source` (`[source]`, `[aws]`), `app_auth`,
 //!   `route` (each `[[route]]`, the route list, [`parse_upstream`]), `injection` (header or
 //!   query parameter, value template).
+//! - `listen`: a listener's address, [`Listen`]: `IP:port` or `unix:/path`.
 //! - [`defaults`]: every default value and bound, as named constants.
 
 use std::collections::HashMap;
@@ -33,11 +34,13 @@ use crate::secrets::aws::AwsSettings;
 pub mod defaults;
 mod env;
 mod file;
+mod listen;
 mod names;
 #[cfg(test)]
 mod test_support;
 mod validate;
 
+pub use listen::{Listen, ListenError, MAX_SOCKET_PATH};
 pub use validate::parse_upstream;
 
 /// Default app-facing listener.
@@ -53,9 +56,12 @@ pub struct Config {
     /// Where the settings came from: the file's path, or `environment`.
     pub origin: String,
     /// App-facing listener (default [`defaults::LISTEN`]).
-    pub listen: SocketAddr,
+    pub listen: Listen,
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`; default [`defaults::ADMIN_LISTEN`]).
-    pub admin_listen: SocketAddr,
+    pub admin_listen: Listen,
+    /// `listen_mode`: the permission bits of the socket files of Unix listeners (both of them;
+    /// [`defaults::LISTEN_MODE`]).
+    pub listen_mode: u32,
     /// Where secrets are read.
     pub source: SourceConfig,
     /// The routes, in configuration order.
