@@ -306,6 +306,23 @@ async fn check_names_the_key() {
         p
     };
 
+    // The Kubernetes variant's config (a ConfigMap's `config.toml`).
+    let cm = std::fs::read_to_string(format!(
+        "{}/deploy/kubernetes/unix-socket/configmap.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("configmap");
+    let deployed: String = cm
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("config.toml: |"))
+        .skip(1)
+        .map(|l| l.strip_prefix("    ").unwrap_or(l).to_owned() + "\n")
+        .collect();
+    assert!(deployed.contains("listen = \"unix:/"), "{deployed}");
+    let deployed = write("deployed.toml", &deployed);
+    let (code, err) = check(Some(deployed), &[]);
+    assert_eq!(code, Some(0), "deploy/kubernetes/unix-socket: {err}");
+
     let good = write(
         "good.toml",
         &format!("listen = \"unix:/run/keyproxy/app.sock\"\nadmin_listen = \"unix:/run/keyproxy/admin.sock\"\nlisten_mode = \"0666\"\n{routes}"),
