@@ -111,6 +111,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(addr = %app_addr,
             "the app listener is not on loopback and no app token is required: anything that can reach this address can use the keys; set [app_auth] or listen on 127.0.0.1");
     }
+    let anyone = app_addr.unix().is_some() && config.listen_mode & 0o002 != 0;
+    if anyone && config.app_auth.is_none() {
+        tracing::warn!(addr = %app_addr, mode = %format!("{:04o}", config.listen_mode),
+            "listen_mode lets any local user connect to the app socket and no app token is required; use 0660 or set [app_auth]");
+    }
     for r in &config.routes {
         if r.upstream.scheme == http::uri::Scheme::HTTP && !is_local(r.upstream.authority.host()) {
             tracing::warn!(route = %r.name, upstream = %r.upstream,

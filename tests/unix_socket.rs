@@ -205,7 +205,9 @@ async fn requests_through_a_unix_socket_on_both_engines() {
         .iter()
         .all(|s| s.header("authorization") == Some(bearer.as_str())));
     assert!(
-        !kp.logs().iter().any(|l| l.contains("not on loopback")),
+        !kp.logs()
+            .iter()
+            .any(|l| l.contains("not on loopback") || l.contains("any local user")),
         "no exposure warning for a socket file"
     );
 
@@ -222,21 +224,21 @@ async fn stale_live_and_foreign_files() {
     let api = Upstream::echo().await;
     let dir = scratch("unix-files");
     let app = dir.join("app.sock");
-    let config = |listen: &Path| {
+    let config = |listen: &Path, mode: &str| {
         format!(
-            "listen = \"{}\"\nlisten_mode = \"0600\"\nadmin_listen = \"127.0.0.1:0\"\n{}{}",
+            "listen = \"{}\"\nlisten_mode = \"{mode}\"\nadmin_listen = \"127.0.0.1:0\"\n{}{}",
             unix(listen),
             file_source(&[("k", KEY)]),
             route("api", "/api", &api.url(), "k", "")
         )
     };
-    let first = KeyProxy::start(&config(&app), &[]);
+    let first = KeyProxy::start(&config(&app, "0600"), &[]);
     assert_eq!(mode(&app), 0o600, "listen_mode");
     let (s, _) = curl(&app, "/api/one", &[]).await;
     assert_eq!(s, 200);
 
     // A live socket is not taken over.
-    let err = fails(&config(&app)).await;
+    let err = fails(&config(&app, "0600")).await;
     assert!(
         err.contains("(listen)") && err.contains("another process is listening"),
         "{err}"
@@ -247,12 +249,17 @@ async fn stale_live_and_foreign_files() {
     // A crash (SIGKILL) leaves the file; the next start replaces it.
     drop(first);
     assert!(is_socket(&app), "a crash leaves the socket file");
-    let second = KeyProxy::start(&config(&app), &[]);
+    let second = KeyProxy::start(&config(&app, "0666"), &[]);
     assert_eq!(
         second
             .log_lines("replacing a stale socket file (nothing listens on it)")
             .len(),
         1
+    );
+    assert_eq!(mode(&app), 0o666);
+    assert!(
+        second.logs().iter().any(|l| l.contains("any local user")),
+        "a socket anyone may use, without an app token, is warned of"
     );
     let (s, _) = curl(&app, "/api/two", &[]).await;
     assert_eq!(s, 200);
@@ -261,13 +268,13 @@ async fn stale_live_and_foreign_files() {
     // Not a socket: refused, and left as it was.
     let file = dir.join("data.sock");
     std::fs::write(&file, "keep me").expect("write");
-    let err = fails(&config(&file)).await;
+    let err = fails(&config(&file, "0600")).await;
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).expect("kept"), "keep me");
 
     // The directory must exist.
     let missing = dir.join("no-such-dir");
-    let err = fails(&config(&missing.join("app.sock"))).await;
+    let err = fails(&config(&missing.join("app.sock"), "0600")).await;
     assert!(
         err.contains("(listen)") && err.contains(&format!("{} does not exist", missing.display())),
         "{err}"
