@@ -1,9 +1,9 @@
 //! Wiring: bind the listeners, start the cache, serve until shutdown, drain.
 //!
 //! [`run`] builds everything from a validated [`Config`], binds both listeners (the app's and the
-//! admin's), fetches secrets in the background, and serves until `shutdown` resolves. Then it
-//! stops accepting, turns `/readyz` to 503, lets in-flight requests finish for up to
-//! `drain_timeout`, and returns.
+//! admin's; TCP or Unix sockets, see [`crate::listener`]), fetches secrets in the background,
+//! and serves until `shutdown` resolves. Then it stops accepting (removing a socket file), turns
+//! `/readyz` to 503, lets in-flight requests finish for up to `drain_timeout`, and returns.
 
 use std::convert::Infallible;
 use std::future::Future;

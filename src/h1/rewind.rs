@@ -5,8 +5,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::listener::Stream;
 use bytes::Bytes;
+
+use crate::listener::Stream;
 
 /// An app connection handed to hyper: the bytes the fast path already read come first.
 #[derive(Debug)]
