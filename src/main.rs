@@ -222,6 +222,15 @@ fn check(config: Option<&Path>) -> ExitCode {
     if let Some(addr) = c.dev_echo {
         println!("  development echo API on {addr}");
     }
+    for (key, l) in [("listen", &c.listen), ("admin_listen", &c.admin_listen)] {
+        if let Some(dir) = l.unix().and_then(Path::parent) {
+            println!(
+                "  {key} {l} (mode {:04o}; {} must exist where keyproxy runs)",
+                c.listen_mode,
+                dir.display()
+            );
+        }
+    }
     ExitCode::SUCCESS
 }
 

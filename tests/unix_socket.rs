@@ -297,10 +297,8 @@ async fn check_names_the_key() {
             cmd.arg("--config").arg(f);
         }
         let out = cmd.output().expect("run keyproxy check");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stderr), text(&out.stdout))
     };
     let routes = format!(
         "{}{}",
@@ -327,8 +325,12 @@ async fn check_names_the_key() {
         .collect();
     assert!(deployed.contains("listen = \"unix:/"), "{deployed}");
     let deployed = write("deployed.toml", &deployed);
-    let (code, err) = check(Some(deployed), &[]);
+    let (code, err, out) = check(Some(deployed), &[]);
     assert_eq!(code, Some(0), "deploy/kubernetes/unix-socket: {err}");
+    assert!(
+        out.contains("listen unix:/run/keyproxy/app.sock (mode 0660; /run/keyproxy must exist"),
+        "{out}"
+    );
 
     let good = write(
         "good.toml",
@@ -345,7 +347,7 @@ async fn check_names_the_key() {
         "bad.toml",
         &format!("listen = \"unix:run/app.sock\"\nadmin_listen = \"unix:{long}\"\nlisten_mode = \"rw-rw----\"\n{routes}"),
     );
-    let (code, err) = check(Some(bad), &[]);
+    let (code, err, _) = check(Some(bad), &[]);
     assert_eq!(code, Some(64), "{err}");
     for needle in [
         "listen: \"unix:run/app.sock\": the socket path must be absolute",
@@ -356,7 +358,7 @@ async fn check_names_the_key() {
         assert!(err.contains(needle), "{needle:?} in {err}");
     }
 
-    let (code, err) = check(
+    let (code, err, _) = check(
         None,
         &[
             ("KEYPROXY_UPSTREAM", "http://127.0.0.1:1"),
