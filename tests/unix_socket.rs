@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{binary, file_source, route, scratch, KeyProxy, Upstream};
+use common::{binary, file_source, route, scratch, KeyProxy, Reply, Upstream};
 
 const KEY: &str = "unix-socket-key";
 
@@ -151,7 +151,18 @@ async fn wait_ready(admin: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_through_a_unix_socket_on_both_engines() {
-    let api = Upstream::echo().await;
+    // The echo API, with `/slow` answering its body 600 ms late (a request in flight at SIGTERM).
+    let api = Upstream::start(|s| {
+        let mut reply = Reply::json(
+            200,
+            serde_json::json!({"method": s.method, "path": s.path, "body": String::from_utf8_lossy(&s.body)}),
+        );
+        if s.path == "/slow" {
+            reply.chunks[0].0 = Duration::from_millis(600);
+        }
+        reply
+    })
+    .await;
     let dir = scratch("unix");
     let (app, admin) = (dir.join("app.sock"), dir.join("admin.sock"));
     let mut kp = KeyProxy::start(
@@ -211,9 +222,26 @@ async fn requests_through_a_unix_socket_on_both_engines() {
         "no exposure warning for a socket file"
     );
 
-    let status = kp.terminate(Duration::from_secs(10)).expect("exits");
+    // SIGTERM with a request in flight: the app socket goes at once, the request finishes.
+    let slow = tokio::spawn({
+        let app = app.clone();
+        async move { curl(&app, "/api/slow", &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    kp.signal("TERM");
+    let gone = Instant::now() + Duration::from_secs(2);
+    while app.exists() && Instant::now() < gone {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !app.exists(),
+        "the app socket is removed when draining starts"
+    );
+    let (s, body) = slow.await.expect("slow request");
+    assert_eq!(s, 200, "the request in flight finishes: {body}");
+    let status = kp.wait_exit(Duration::from_secs(10)).expect("exits");
     assert!(status.success());
-    assert!(!app.exists() && !admin.exists(), "socket files removed");
+    assert!(!admin.exists(), "the admin socket is removed on exit");
     let (ok, _) = health(&["--admin", &unix(&admin)]).await;
     assert!(!ok, "health fails once keyproxy is gone");
     let _ = std::fs::remove_dir_all(&dir);
