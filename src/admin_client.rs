@@ -1,12 +1,14 @@
-//! A minimal HTTP/1.1 client for `keyproxy health` (GET) and `keyproxy refresh` (POST): the
-//! image has no curl or shell.
+//! A minimal HTTP/1.1 client for `keyproxy health` (GET) and `keyproxy refresh` (POST), over TCP
+//! or a Unix socket: the image has no curl or shell.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+
+use crate::config::Listen;
+use crate::listener::Stream;
 
 /// Why the check failed.
 #[derive(Debug, thiserror::Error)]
@@ -19,9 +21,10 @@ pub enum CheckError {
     Failed(String),
 }
 
-/// GETs `path` from `addr`; returns the status and body. `0.0.0.0` / `::` mean loopback.
+/// GETs `path` from `addr` (`IP:port` or a Unix socket); returns the status and body.
+/// `0.0.0.0` / `::` mean loopback.
 pub async fn get(
-    addr: SocketAddr,
+    addr: &Listen,
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), CheckError> {
@@ -30,7 +33,7 @@ pub async fn get(
 
 /// POSTs an empty body to `path` on `addr`; returns the status and body.
 pub async fn post(
-    addr: SocketAddr,
+    addr: &Listen,
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), CheckError> {
@@ -40,23 +43,34 @@ pub async fn post(
 /// Sends `method path` without a body to `addr`; returns the status and body.
 async fn request(
     method: http::Method,
-    addr: SocketAddr,
+    addr: &Listen,
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), CheckError> {
-    let mut addr = addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
     let fut = async move {
         let fail = |e: &dyn std::fmt::Display| CheckError::Failed(format!("{addr}: {e}"));
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| fail(&e))?;
+        let (stream, host) = match addr {
+            Listen::Tcp(a) => {
+                let mut a = *a;
+                if a.ip().is_unspecified() {
+                    a.set_ip(if a.is_ipv4() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
+                }
+                let s = tokio::net::TcpStream::connect(a)
+                    .await
+                    .map_err(|e| fail(&e))?;
+                (Stream::Tcp(s), a.to_string())
+            }
+            Listen::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|e| fail(&e))?;
+                (Stream::Unix(s), "localhost".to_owned())
+            }
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| fail(&e))?;
@@ -64,7 +78,7 @@ async fn request(
         let req = http::Request::builder()
             .method(method)
             .uri(path)
-            .header(http::header::HOST, addr.to_string())
+            .header(http::header::HOST, host)
             .body(Empty::<Bytes>::new())
             .map_err(|e| fail(&e))?;
         let resp = sender.send_request(req).await.map_err(|e| fail(&e))?;

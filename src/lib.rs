@@ -5,7 +5,9 @@
 //! answers 401 after a rotation. The modules, in the order a request meets them:
 //!
 //! - [`server`]: binds the app and admin listeners, accepts connections, hands each to an
-//!   engine, drains on shutdown ([`drain`]: the shutdown signal every connection watches).
+//!   engine, drains on shutdown ([`drain`]: the shutdown signal every connection watches);
+//!   [`listener`]: TCP or Unix socket listeners (socket file mode, stale file, removal) and the
+//!   connection type both engines serve.
 //! - Two engines, which import neither the server nor each other:
 //!   - [`h1`]: the HTTP/1.1 engine (the fast path) for routes whose upstream speaks HTTP/1.1:
 //!     head parsing and rewriting, framing keyproxy writes, early answers; hands anything else
@@ -57,6 +59,7 @@ pub mod forward;
 pub mod h1;
 pub mod inject;
 pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod oauth2;
 pub mod pool;

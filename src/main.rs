@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use keyproxy::config::{Config, DEFAULT_ADMIN_LISTEN};
+use keyproxy::config::{Config, Listen, DEFAULT_ADMIN_LISTEN};
 use keyproxy::dev::{DevApi, Issuer};
 use keyproxy::rotation::{self, RotateOptions};
 use keyproxy::secrets::Secret;
@@ -83,9 +83,10 @@ enum Command {
         /// Check /readyz (every route has a key) instead of /healthz.
         #[arg(long)]
         ready: bool,
-        /// Admin address (else KEYPROXY_ADMIN_LISTEN, the config's admin_listen, or the default).
+        /// Admin address, IP:port or unix:/path (else KEYPROXY_ADMIN_LISTEN, the config's
+        /// admin_listen, or the default).
         #[arg(long)]
-        admin: Option<SocketAddr>,
+        admin: Option<Listen>,
         /// Config file whose admin_listen to check, when neither --admin nor
         /// KEYPROXY_ADMIN_LISTEN is given.
         #[arg(long, short, env = "KEYPROXY_CONFIG")]
@@ -101,9 +102,10 @@ enum Command {
         /// Only this secret id (else every secret).
         #[arg(long)]
         secret: Option<String>,
-        /// Admin address (else KEYPROXY_ADMIN_LISTEN, the config's admin_listen, or the default).
+        /// Admin address, IP:port or unix:/path (else KEYPROXY_ADMIN_LISTEN, the config's
+        /// admin_listen, or the default).
         #[arg(long)]
-        admin: Option<SocketAddr>,
+        admin: Option<Listen>,
         /// Config file whose admin_listen to use, when neither --admin nor
         /// KEYPROXY_ADMIN_LISTEN is given.
         #[arg(long, short, env = "KEYPROXY_CONFIG")]
@@ -257,12 +259,21 @@ fn check(config: Option<&Path>) -> ExitCode {
     if let Some(addr) = c.dev_echo {
         println!("  development echo API on {addr}");
     }
+    for (key, l) in [("listen", &c.listen), ("admin_listen", &c.admin_listen)] {
+        if let Some(dir) = l.unix().and_then(Path::parent) {
+            println!(
+                "  {key} {l} (mode {:04o}; {} must exist where keyproxy runs)",
+                c.listen_mode,
+                dir.display()
+            );
+        }
+    }
     ExitCode::SUCCESS
 }
 
 /// The admin address: `admin`, else `KEYPROXY_ADMIN_LISTEN`, else the config's, else the
 /// default.
-fn admin_address(admin: Option<SocketAddr>, config: Option<&Path>) -> Option<SocketAddr> {
+fn admin_address(admin: Option<Listen>, config: Option<&Path>) -> Option<Listen> {
     admin
         .or_else(|| {
             std::env::var("KEYPROXY_ADMIN_LISTEN")
@@ -280,7 +291,7 @@ fn admin_address(admin: Option<SocketAddr>, config: Option<&Path>) -> Option<Soc
 /// `keyproxy refresh`: POST `/refresh` on the admin address; one line per secret.
 fn refresh(
     secret: Option<&str>,
-    admin: Option<SocketAddr>,
+    admin: Option<Listen>,
     config: Option<&Path>,
     timeout: Duration,
 ) -> ExitCode {
@@ -296,7 +307,7 @@ fn refresh(
         None => "/refresh".to_owned(),
     };
     let answer = runtime(Some(1)).and_then(|rt| {
-        rt.block_on(keyproxy::admin_client::post(addr, &path, timeout))
+        rt.block_on(keyproxy::admin_client::post(&addr, &path, timeout))
             .map_err(|e| e.to_string())
     });
     let body = match answer {
@@ -348,7 +359,7 @@ fn refresh(
 /// `keyproxy health`: GET `/healthz` (or `/readyz`) on the admin address.
 fn health(
     ready: bool,
-    admin: Option<SocketAddr>,
+    admin: Option<Listen>,
     config: Option<&Path>,
     timeout: Duration,
 ) -> ExitCode {
@@ -358,7 +369,7 @@ fn health(
     };
     let path = if ready { "/readyz" } else { "/healthz" };
     match runtime(Some(1)).and_then(|rt| {
-        rt.block_on(keyproxy::admin_client::get(addr, path, timeout))
+        rt.block_on(keyproxy::admin_client::get(&addr, path, timeout))
             .map_err(|e| e.to_string())
     }) {
         Ok((200, _)) => ExitCode::SUCCESS,

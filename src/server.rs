@@ -1,13 +1,13 @@
 //! Wiring: bind the listeners, start the cache, serve until shutdown, drain.
 //!
 //! [`run`] builds everything from a validated [`Config`], binds both listeners (the app's and the
-//! admin's), fetches secrets (and mints OAuth2 tokens) in the background, and serves until `shutdown` resolves. Then it
-//! stops accepting, turns `/readyz` to 503, lets in-flight requests finish for up to
+//! admin's; TCP or Unix sockets, see [`crate::listener`]), fetches secrets (and mints OAuth2
+//! tokens) in the background, and serves until `shutdown` resolves. Then it stops accepting
+//! (removing a socket file), turns `/readyz` to 503, lets in-flight requests finish for up to
 //! `drain_timeout`, and returns.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,17 +17,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::admin::{self, AdminState};
 use crate::cache::SecretCache;
-use crate::config::{Config, SourceConfig};
+use crate::config::{Config, Listen, SourceConfig};
 use crate::drain::Drain;
 use crate::error::ProxyError;
 use crate::forward;
 use crate::h1::{self, Rewind, Served};
 use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
+use crate::listener::{BindError, Listener};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::routes::Routes;
@@ -44,19 +44,29 @@ pub enum RunError {
         /// `listen` or `admin_listen`.
         what: &'static str,
         /// The address.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
+        addr: Listen,
+        /// What went wrong.
+        source: BindError,
     },
     /// The upstream client could not be built.
     #[error(transparent)]
     Client(#[from] forward::ClientError),
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { what, addr, source })
+/// Binds a listener and returns it with its address (the port the system picked for port 0).
+async fn bind(
+    what: &'static str,
+    addr: &Listen,
+    mode: u32,
+) -> Result<(Listener, Listen), RunError> {
+    let fail = |source| RunError::Bind {
+        what,
+        addr: addr.clone(),
+        source,
+    };
+    let listener = Listener::bind(addr, mode).await.map_err(fail)?;
+    let local = listener.local().map_err(|e| fail(e.into()))?;
+    Ok((listener, local))
 }
 
 /// Builds the secret sources the config names: for `aws`, one Secrets Manager client over the
@@ -85,20 +95,9 @@ pub async fn sources(config: &Config) -> Sources {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let tls = forward::tls_config(config.ca_bundle.as_deref())?;
-    let app_listener = bind("listen", config.listen).await?;
-    let admin_listener = bind("admin_listen", config.admin_listen).await?;
-    let app_addr = app_listener.local_addr().map_err(|source| RunError::Bind {
-        what: "listen",
-        addr: config.listen,
-        source,
-    })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| RunError::Bind {
-            what: "admin_listen",
-            addr: config.admin_listen,
-            source,
-        })?;
+    let (app_listener, app_addr) = bind("listen", &config.listen, config.listen_mode).await?;
+    let (admin_listener, admin_addr) =
+        bind("admin_listen", &config.admin_listen, config.listen_mode).await?;
 
     let sources = sources(&config).await;
     let (mut cache, mut slots) = SecretCache::new(&config.routes, &sources, metrics.clone());
@@ -128,9 +127,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         draining: AtomicBool::new(false),
     });
 
-    if !app_addr.ip().is_loopback() && config.app_auth.is_none() {
+    // A Unix socket is guarded by its file's permissions instead.
+    let exposed = app_addr.tcp().is_some_and(|a| !a.ip().is_loopback());
+    if exposed && config.app_auth.is_none() {
         tracing::warn!(addr = %app_addr,
             "the app listener is not on loopback and no app token is required: anything that can reach this address can use the keys; set [app_auth] or listen on 127.0.0.1");
+    }
+    let anyone = app_addr.unix().is_some() && config.listen_mode & 0o002 != 0;
+    if anyone && config.app_auth.is_none() {
+        tracing::warn!(addr = %app_addr, mode = %format!("{:04o}", config.listen_mode),
+            "listen_mode lets any local user connect to the app socket and no app token is required; use 0660 or set [app_auth]");
     }
     for r in &config.routes {
         if r.upstream.scheme == http::uri::Scheme::HTTP && !is_local(r.upstream.authority.host()) {
@@ -182,7 +188,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             });
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let general = general.clone();
         let routes = routes.clone();
         let drain = drain.clone();
@@ -224,6 +229,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         () = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; closing the remaining connections"),
     }
     admin_task.abort();
+    // The admin listener (and a Unix socket file) is gone once the task is.
+    let _ = admin_task.await;
     Ok(())
 }
 
@@ -236,7 +243,7 @@ fn is_local(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
+async fn serve_admin(listener: Listener, state: Arc<AdminState>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;

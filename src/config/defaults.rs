@@ -24,6 +24,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const LISTEN: &str = "127.0.0.1:8080";
 /// Admin listener (`admin_listen`).
 pub const ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// `listen_mode`: permission bits of a Unix listener's socket file (owner and group may connect).
+pub const LISTEN_MODE: u32 = 0o660;
 /// `drain_timeout`: time in-flight requests get after SIGTERM.
 pub const DRAIN_TIMEOUT: DurationSetting = DurationSetting {
     default: Duration::from_secs(20),

@@ -36,6 +36,7 @@ const ROUTE_ENV: &[&str] = &[
 const GLOBAL_ENV: &[&str] = &[
     "KEYPROXY_LISTEN",
     "KEYPROXY_ADMIN_LISTEN",
+    "KEYPROXY_LISTEN_MODE",
     "KEYPROXY_CONFIG",
     "KEYPROXY_LOG",
     "KEYPROXY_LOG_FORMAT",
@@ -153,6 +154,9 @@ pub(super) fn apply_globals(
     if let Some(v) = env.get("KEYPROXY_ADMIN_LISTEN") {
         raw.admin_listen = Some(v.clone());
     }
+    if let Some(v) = env.get("KEYPROXY_LISTEN_MODE") {
+        raw.listen_mode = Some(v.clone());
+    }
     if let Some(v) = env.get("KEYPROXY_DRAIN_TIMEOUT") {
         raw.drain_timeout = Some(v.clone());
     }
@@ -250,7 +254,7 @@ mod tests {
         assert_eq!(c.routes[0].name, "default");
         assert_eq!(c.routes[0].path_prefix.as_deref(), Some("/"));
         assert_eq!(c.routes[0].refresh_interval, Duration::from_secs(30));
-        assert_eq!(c.listen.port(), 18081);
+        assert_eq!(c.listen.tcp().map(|a| a.port()), Some(18081));
         assert_eq!(c.origin, "environment");
     }
 
@@ -316,6 +320,6 @@ mod tests {
             &env(&[("KEYPROXY_LISTEN", "127.0.0.1:1")]),
         )
         .expect("override");
-        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.listen.tcp().map(|a| a.port()), Some(1));
     }
 }

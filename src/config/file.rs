@@ -19,6 +19,7 @@ pub(super) enum SizeValue {
 pub(super) struct RawFile {
     pub(super) listen: Option<String>,
     pub(super) admin_listen: Option<String>,
+    pub(super) listen_mode: Option<String>,
     pub(super) drain_timeout: Option<String>,
     pub(super) max_connections: Option<u64>,
     pub(super) connect_timeout: Option<String>,

@@ -17,6 +17,7 @@
 //!   `route` (each `[[route]]`, the route list, `allow`, [`parse_upstream`]), `injection`
 //!   (`header`/`value`, `query_param`, `headers`, `basic_auth`, their templates), `oauth2`
 //!   (`[route.oauth2]`).
+//! - `listen`: a listener's address, [`Listen`]: `IP:port` or `unix:/path`.
 //! - [`defaults`]: every default value and bound, as named constants.
 
 use std::collections::HashMap;
@@ -35,11 +36,13 @@ use crate::secrets::aws::AwsSettings;
 pub mod defaults;
 mod env;
 mod file;
+mod listen;
 mod names;
 #[cfg(test)]
 mod test_support;
 mod validate;
 
+pub use listen::{Listen, ListenError, MAX_SOCKET_PATH};
 pub use validate::parse_upstream;
 
 /// Default app-facing listener.
@@ -55,9 +58,12 @@ pub struct Config {
     /// Where the settings came from: the file's path, or `environment`.
     pub origin: String,
     /// App-facing listener (default [`defaults::LISTEN`]).
-    pub listen: SocketAddr,
+    pub listen: Listen,
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`; default [`defaults::ADMIN_LISTEN`]).
-    pub admin_listen: SocketAddr,
+    pub admin_listen: Listen,
+    /// `listen_mode`: the permission bits of the socket files of Unix listeners (both of them;
+    /// [`defaults::LISTEN_MODE`]).
+    pub listen_mode: u32,
     /// Where secrets are read.
     pub source: SourceConfig,
     /// The routes, in configuration order.

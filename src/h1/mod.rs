@@ -29,10 +29,10 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::drain::Drain;
 use crate::limits::{BODY_TIMEOUT, HEAD_TIMEOUT, MAX_HEADER_BYTES};
+use crate::listener::Stream;
 use crate::routes::Routes;
 
 mod chunked;
@@ -68,13 +68,13 @@ pub enum Served {
     Closed,
     /// A request the fast path does not take: hyper serves the rest of the connection, starting
     /// with these bytes already read from it.
-    Handoff(TcpStream, Bytes),
+    Handoff(Stream, Bytes),
 }
 
 /// One app connection on the fast path.
 struct Conn<'p> {
     routes: &'p Routes,
-    app: TcpStream,
+    app: Stream,
     /// Bytes read from the app and not yet used.
     buf: BytesMut,
     /// Bytes read from the upstream.
@@ -93,7 +93,7 @@ struct Conn<'p> {
 }
 
 /// Serves `app` on the fast path until it closes or a request needs the general path.
-pub async fn serve(routes: &Routes, app: TcpStream, drain: &Drain) -> Served {
+pub async fn serve(routes: &Routes, app: Stream, drain: &Drain) -> Served {
     let mut conn = Conn {
         routes,
         app,

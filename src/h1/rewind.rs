@@ -6,18 +6,19 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
+
+use crate::listener::Stream;
 
 /// An app connection handed to hyper: the bytes the fast path already read come first.
 #[derive(Debug)]
 pub struct Rewind {
     prefix: Bytes,
-    inner: TcpStream,
+    inner: Stream,
 }
 
 impl Rewind {
     /// `inner`, with `prefix` read before anything still in the socket.
-    pub fn new(inner: TcpStream, prefix: Bytes) -> Rewind {
+    pub fn new(inner: Stream, prefix: Bytes) -> Rewind {
         Rewind { prefix, inner }
     }
 }

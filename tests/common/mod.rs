@@ -268,9 +268,9 @@ pub struct KeyProxy {
     logs: Arc<Mutex<Vec<String>>>,
     /// Signalled when its stderr ends (every log line read).
     logs_end: std::sync::mpsc::Receiver<()>,
-    /// App listener.
+    /// App listener (`0.0.0.0:0` for a Unix socket: the test knows its path).
     pub addr: SocketAddr,
-    /// Admin listener.
+    /// Admin listener (likewise).
     pub admin: SocketAddr,
     /// Scratch dir holding the config.
     pub dir: PathBuf,
@@ -344,7 +344,7 @@ impl KeyProxy {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     let msg = v["message"].as_str().unwrap_or_default();
                     if msg == "app listener ready" || msg == "admin listener ready" {
-                        if let Some(a) = v["addr"].as_str().and_then(|a| a.parse().ok()) {
+                        if let Some(a) = v["addr"].as_str().and_then(listener_addr) {
                             let _ = tx.send((msg.to_owned(), a));
                         }
                     }
@@ -511,6 +511,14 @@ impl Drop for KeyProxy {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A listener's address from its "ready" log line; a Unix socket (`unix:/path`) as `0.0.0.0:0`.
+fn listener_addr(text: &str) -> Option<SocketAddr> {
+    if text.starts_with("unix:") {
+        return Some(SocketAddr::from(([0, 0, 0, 0], 0)));
+    }
+    text.parse().ok()
 }
 
 /// A `[[route]]` table.

@@ -2,7 +2,7 @@
 //! function that reports to the shared [`Problems`] and returns the typed value (or a stand-in,
 //! so that checking goes on and every problem is reported at once).
 //!
-//! - `global`: listeners, drain and connect timeouts, connection and thread limits, CA bundle,
+//! - `global`: listeners (and their socket files' mode), drain and connect timeouts, connection and thread limits, CA bundle,
 //!   the development echo API.
 //! - `source`: `[source]` and `[aws]`.
 //! - `app_auth`: the app-side token.
@@ -47,6 +47,7 @@ pub(super) fn validate(
     let p = &mut problems;
     let (listen, admin_listen) =
         global::listeners(raw.listen.as_deref(), raw.admin_listen.as_deref(), &g, p);
+    let listen_mode = global::listen_mode(raw.listen_mode.as_deref(), g("listen_mode"), p);
     let drain_timeout = duration(
         p,
         g("drain_timeout"),
@@ -67,7 +68,12 @@ pub(super) fn validate(
         .app_auth
         .and_then(|a| app_auth::app_auth(a, base, env, &g, p));
     let dev_echo = raw.dev.and_then(|d| {
-        global::dev_echo(d.echo.as_deref(), (listen, admin_listen), g("dev.echo"), p)
+        global::dev_echo(
+            d.echo.as_deref(),
+            (&listen, &admin_listen),
+            g("dev.echo"),
+            p,
+        )
     });
     let raw_routes = raw.routes.unwrap_or_default();
     source::route_roles_need_aws(&source, &raw_routes, namer, p);
@@ -77,6 +83,7 @@ pub(super) fn validate(
         origin: origin.to_owned(),
         listen,
         admin_listen,
+        listen_mode,
         source,
         routes,
         drain_timeout,
