@@ -2,12 +2,14 @@
 //!
 //! - `/healthz`: 200 while the process serves.
 //! - `/readyz`: 200 once every route has a key; 503 naming the routes still waiting and why,
-//!   or while shutting down. The JSON body lists each secret's state (never its value).
+//!   or while shutting down. The JSON body lists each secret's state (never its value), and the
+//!   configuration in force: its file, the SHA-256 of the file's bytes, and when it was loaded.
 //! - `/metrics`: Prometheus text.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -15,12 +17,15 @@ use serde_json::json;
 
 use crate::cache::SecretCache;
 use crate::metrics::Metrics;
+use crate::reload::LoadedConfig;
 
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct AdminState {
-    /// The secret cache.
-    pub cache: Arc<SecretCache>,
+    /// The secret cache (a reload replaces it).
+    pub cache: ArcSwap<SecretCache>,
+    /// The configuration in force (a reload replaces it).
+    pub config: ArcSwap<LoadedConfig>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     /// Set once shutdown begins: `/readyz` answers 503.
@@ -40,8 +45,8 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 /// The readiness report: (ready, JSON body).
 pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
     let mut waiting = Vec::new();
-    let secrets: Vec<_> = state
-        .cache
+    let cache = state.cache.load();
+    let secrets: Vec<_> = cache
         .entries()
         .iter()
         .map(|e| {
@@ -78,6 +83,7 @@ pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
             "reason": reason,
             "waiting": waiting,
             "secrets": secrets,
+            "config": state.config.load().summary(),
         }),
     )
 }
@@ -107,7 +113,7 @@ pub fn handle<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> 
             reply(status, "application/json", body.to_string() + "\n")
         }
         "/metrics" => {
-            state.cache.update_gauges(&state.metrics);
+            state.cache.load().update_gauges(&state.metrics);
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -15,6 +15,12 @@
 //! forced fetch of that secret happens, except the `AWSPENDING` probes of the 2 s after the miss,
 //! which 401s wait for rather than fail. A forced fetch that finds a newer key starts no
 //! cooldown, so back-to-back rotations each get their fetch.
+//!
+//! A configuration reload builds a new cache from the old one ([`SecretCache::renew`]): an entry
+//! for a (secret id, stage) the old cache held, from the same source, starts with the old value
+//! (its text is kept in [`Loaded::value`]), rendered for its new set of routes without a fetch,
+//! and keeps the old refresh schedule; only secrets new to the cache are fetched. The old cache's
+//! refresh tasks stop, so a secret no route uses any more is no longer fetched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -78,6 +84,8 @@ struct Health {
     last_success: Option<Instant>,
     /// The last fetch's error, while it is the latest result.
     last_error: Option<SourceError>,
+    /// When the background task fetches next (kept across a reload).
+    next_fetch: Option<Instant>,
 }
 
 /// A snapshot of an entry's state for `/readyz` and `/metrics`.
@@ -335,6 +343,12 @@ impl Entry {
 
     /// Renders every consumer's credential from `value`, or refuses the value (recorded).
     fn render(&self, value: &Secret) -> Result<Vec<Credential>, SourceError> {
+        self.try_render(value)
+            .inspect_err(|err| self.record_error(err.clone()))
+    }
+
+    /// Renders every consumer's credential from `value`, or says why it cannot be used.
+    fn try_render(&self, value: &Secret) -> Result<Vec<Credential>, SourceError> {
         let mut creds = Vec::with_capacity(self.consumers.len());
         for c in &self.consumers {
             let rendered = extract(value, c.field.as_deref())
@@ -350,7 +364,6 @@ impl Entry {
                             c.injection.describe()
                         ),
                     };
-                    self.record_error(err.clone());
                     return Err(err);
                 }
             }
@@ -508,7 +521,7 @@ impl Entry {
         loop {
             // Another entry's call may have been throttled while this one slept.
             while let Some(wait) = self.gate.closed_for() {
-                tokio::time::sleep(wait).await;
+                self.sleep(wait).await;
             }
             let wait = match self.refresh().await {
                 Ok(()) => {
@@ -525,7 +538,63 @@ impl Entry {
                     backoff::full_jitter(backoff::AFTER_FAILURE.window(failures, cap))
                 }
             };
-            tokio::time::sleep(wait).await;
+            self.sleep(wait).await;
+        }
+    }
+
+    /// The background task's sleep until its next fetch, noted for a reload to keep.
+    async fn sleep(&self, wait: Duration) {
+        if let Ok(mut h) = self.health.lock() {
+            h.next_fetch = Some(Instant::now() + wait);
+        }
+        tokio::time::sleep(wait).await;
+    }
+
+    /// How long until the background task's next fetch, if it is sleeping.
+    fn next_fetch_in(&self) -> Option<Duration> {
+        let h = self.health.lock().ok()?;
+        h.next_fetch
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    /// Starts this new entry from `old`'s value, rendered for this entry's routes, and `old`'s
+    /// health. `false`: `old` has no value, or it cannot be used for these routes (recorded as
+    /// a fetch would be), and this entry starts empty.
+    fn seed_from(&self, old: &Entry) -> bool {
+        let health = old.health.lock().map(|h| h.clone()).unwrap_or_default();
+        if let Ok(mut h) = self.health.lock() {
+            *h = health;
+        }
+        let Some(loaded) = old.current() else {
+            return false;
+        };
+        let creds = match self.try_render(&loaded.value) {
+            Ok(creds) => creds,
+            Err(e) => {
+                tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %e,
+                    "the loaded value does not fit the reloaded routes; fetching it again");
+                return false;
+            }
+        };
+        self.state.store(Some(Arc::new(Loaded {
+            version_id: loaded.version_id.clone(),
+            value: loaded.value.clone(),
+            creds,
+            pending: loaded.pending.clone(),
+        })));
+        true
+    }
+
+    /// Drops this entry's gauges (a reload left no route using it).
+    fn forget_metrics(&self) {
+        self.metrics.secret_stale.remove(&self.label);
+        self.metrics.secret_age.remove(&self.label);
+        if let Some(v) = self.current().and_then(|c| c.version_id.clone()) {
+            self.metrics.secret_version.remove(&SecretVersionLabel {
+                secret: self.secret_id.clone(),
+                stage: self.stage.clone(),
+                version_id: v,
+            });
         }
     }
 }
@@ -557,9 +626,14 @@ impl Slot {
 #[derive(Debug)]
 pub struct SecretCache {
     entries: Vec<Arc<Entry>>,
+    /// Per entry, the wait before its task's first fetch when it has one already (an entry
+    /// carried over by a reload, or fetched by [`SecretCache::warm`]); `None`: fetch at start.
+    first_fetch: Vec<Option<Duration>>,
     tasks: Vec<JoinHandle<()>>,
     /// The longest random delay before the first fetch (the source's start-up jitter).
     startup_jitter: Duration,
+    /// The pause after a throttle, shared by every entry (and kept by a reload).
+    gate: Arc<ThrottleGate>,
 }
 
 impl Drop for SecretCache {
@@ -578,6 +652,86 @@ impl SecretCache {
         source: Arc<dyn SecretSource>,
         metrics: Arc<Metrics>,
     ) -> (SecretCache, Vec<Slot>) {
+        SecretCache::build(routes, source, metrics, Arc::default())
+    }
+
+    /// The cache for a reloaded configuration, built from this one: each entry this cache also
+    /// has (same secret id and stage) starts with its value, rendered for the entry's new routes
+    /// without a fetch, and its refresh schedule, when `same_source` (else every secret is
+    /// fetched anew from `source`). This cache's refresh tasks stop now; its entries keep
+    /// serving the requests still in flight on the old routes. Start the new cache with
+    /// [`SecretCache::start`] (after [`SecretCache::warm`], to have the new secrets first).
+    pub fn renew(
+        &self,
+        routes: &[RouteConfig],
+        source: Arc<dyn SecretSource>,
+        same_source: bool,
+        metrics: Arc<Metrics>,
+    ) -> (SecretCache, Vec<Slot>) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let gate = if same_source {
+            self.gate.clone()
+        } else {
+            Arc::default()
+        };
+        let (mut cache, slots) = SecretCache::build(routes, source, metrics, gate);
+        cache.startup_jitter = Duration::ZERO;
+        let old: HashMap<(&str, &str), &Arc<Entry>> = self
+            .entries
+            .iter()
+            .map(|e| ((e.secret_id.as_str(), e.stage.as_str()), e))
+            .collect();
+        let mut kept = std::collections::HashSet::new();
+        for (e, first) in cache.entries.iter().zip(cache.first_fetch.iter_mut()) {
+            let key = (e.secret_id.as_str(), e.stage.as_str());
+            let Some(prev) = old.get(&key).filter(|_| same_source) else {
+                continue;
+            };
+            kept.insert(key);
+            if e.seed_from(prev) {
+                // The old schedule, or the new interval if that is shorter.
+                let next = prev.next_fetch_in().unwrap_or(Duration::ZERO);
+                *first = Some(next.min(e.interval));
+            }
+        }
+        for e in &self.entries {
+            if !kept.contains(&(e.secret_id.as_str(), e.stage.as_str())) {
+                e.forget_metrics();
+            }
+        }
+        (cache, slots)
+    }
+
+    /// Fetches, once and together, every entry that has no value to start from (a secret new
+    /// to the cache), waiting at most `within`; the entries fetched start their refresh
+    /// schedule from now. The others are fetched by their task once started.
+    pub async fn warm(&mut self, within: Duration) {
+        let todo: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| self.first_fetch[i].is_none())
+            .collect();
+        let fetches = todo.iter().map(|&i| {
+            let e = self.entries[i].clone();
+            async move { e.refresh().await.is_ok() }
+        });
+        let Ok(done) = tokio::time::timeout(within, futures_util::future::join_all(fetches)).await
+        else {
+            return;
+        };
+        for (i, ok) in todo.into_iter().zip(done) {
+            if ok {
+                self.first_fetch[i] = Some(jitter(self.entries[i].interval));
+            }
+        }
+    }
+
+    fn build(
+        routes: &[RouteConfig],
+        source: Arc<dyn SecretSource>,
+        metrics: Arc<Metrics>,
+        gate: Arc<ThrottleGate>,
+    ) -> (SecretCache, Vec<Slot>) {
         let mut groups: Vec<((String, String), Vec<usize>)> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
         for (i, r) in routes.iter().enumerate() {
@@ -590,7 +744,6 @@ impl SecretCache {
         }
         let mut slots: Vec<Option<Slot>> = vec![None; routes.len()];
         let mut entries = Vec::new();
-        let gate = Arc::new(ThrottleGate::default());
         for ((secret_id, stage), members) in groups {
             let consumers = members
                 .iter()
@@ -645,16 +798,19 @@ impl SecretCache {
         let slots = slots.into_iter().flatten().collect();
         (
             SecretCache {
+                first_fetch: vec![None; entries.len()],
                 entries,
                 tasks: Vec::new(),
                 startup_jitter: source.startup_jitter(),
+                gate,
             },
             slots,
         )
     }
 
     /// Starts one background refresh task per entry. The first fetch begins at once, or, with a
-    /// start-up jitter, after a delay drawn once for the process from `[0, startup_jitter]`.
+    /// start-up jitter, after a delay drawn once for the process from `[0, startup_jitter]`; an
+    /// entry that has a value already (see [`SecretCache::renew`]) keeps its schedule.
     pub fn start(&mut self) {
         let delay = backoff::full_jitter(self.startup_jitter);
         if !delay.is_zero() {
@@ -664,8 +820,12 @@ impl SecretCache {
                 "start-up jitter: the first Secrets Manager call waits"
             );
         }
-        for e in &self.entries {
-            self.tasks.push(tokio::spawn(e.clone().run(delay)));
+        for (e, first) in self.entries.iter().zip(&self.first_fetch) {
+            let wait = first.unwrap_or(delay);
+            if let Ok(mut h) = e.health.lock() {
+                h.next_fetch = Some(Instant::now() + wait);
+            }
+            self.tasks.push(tokio::spawn(e.clone().run(wait)));
         }
     }
 
@@ -1116,6 +1276,76 @@ mod tests {
         src.set("k2", "v2");
         let got = e.refresh_now(&seen).await.expect("l");
         assert_eq!(header(&got, 0), "Bearer k2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_cache_reuses_values_and_schedules_and_fetches_only_new_secrets() {
+        let src = FakeSource::new(r#"{"token":"t1","other":"o1"}"#);
+        let metrics = Arc::new(Metrics::new());
+        let (mut old, old_slots) =
+            SecretCache::new(&[route("a", Some("token"))], src.clone(), metrics.clone());
+        old.start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(old.ready());
+        let fetched = src.fetches();
+        // 20 s into a 60 s interval: `a` changes, `b` reads another field of the same secret,
+        // `c` is a new secret.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let mut a = route("a", Some("other"));
+        a.injection = Injection::Header {
+            name: HeaderName::from_static("x-key"),
+            template: Template::parse("K {secret}").expect("t"),
+        };
+        let mut c = route("c", None);
+        c.secret_id = "c".into();
+        let routes = [a, route("b", Some("token")), c];
+        let (mut new, slots) = old.renew(&routes, src.clone(), true, metrics.clone());
+        let kept = slots[0].entry.current().expect("seeded, no fetch");
+        assert_eq!(header(&kept, slots[0].index), "K o1");
+        assert_eq!(header(&kept, slots[1].index), "Bearer t1");
+        assert!(slots[2].entry.current().is_none());
+        assert_eq!(
+            src.fetches(),
+            fetched,
+            "nothing fetched for the kept secret"
+        );
+        new.warm(Duration::from_secs(5)).await;
+        assert_eq!(src.fetches(), fetched + 1, "the new secret, once");
+        assert!(new.ready());
+        new.start();
+        // The old task stopped; the kept entry's next fetch is where the old schedule put it
+        // (54..66 s after its first fetch at 0 s: 33..45 s from the renewal at 21 s), not a
+        // fresh interval (54..66 s from the renewal).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(src.fetches(), fetched + 1);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(
+            src.fetches(),
+            fetched + 2,
+            "one fetch for the kept secret, none by the old task"
+        );
+        assert!(
+            old_slots[0].entry.current().is_some(),
+            "old routes still served"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_cache_with_another_source_fetches_everything() {
+        let src = FakeSource::new("k1");
+        let metrics = Arc::new(Metrics::new());
+        let (mut old, _slots) = SecretCache::new(&[route("a", None)], src.clone(), metrics.clone());
+        old.start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let other = FakeSource::new("k2");
+        let (mut new, slots) = old.renew(&[route("a", None)], other.clone(), false, metrics);
+        assert!(slots[0].entry.current().is_none());
+        new.warm(Duration::from_secs(5)).await;
+        assert_eq!(
+            header(&slots[0].entry.current().expect("l"), 0),
+            "Bearer k2"
+        );
+        assert_eq!(other.fetches(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,6 +32,8 @@
 //! - [`metrics`]: Prometheus metrics with per-route handles created once.
 //! - [`secrets`]: the `SecretSource` trait, the `aws` and `file` sources, the redacting `Secret`.
 //! - [`config`]: TOML file or `KEYPROXY_*` variables → validated [`config::Config`].
+//! - [`reload`]: configuration reload on SIGHUP and on a change to the file: validate, renew the
+//!   cache (no new fetch for the secrets kept), swap the route table both engines read.
 //! - [`telemetry`]: log setup (text or JSON; third-party crates capped so no wire data is logged).
 //! - [`rotation`]: the rotation function (createSecret, setSecret, testSecret, finishSecret) run
 //!   by the `keyproxy-rotation` Lambda binary and by `keyproxy rotate`.
@@ -54,6 +56,7 @@ pub mod limits;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod retry;
 pub mod rotation;
 pub mod route;

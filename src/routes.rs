@@ -1,7 +1,9 @@
 //! What a route is at run time, and the table of them that both engines read.
 //!
-//! Owned by neither engine: the server builds a [`Routes`] from the validated config, and the
-//! HTTP/1.1 engine ([`crate::h1`]) and the general engine ([`crate::proxy`]) share it. A
+//! Owned by neither engine: the server builds a [`Routes`] from the validated config and puts it
+//! in a [`RouteTable`], which the HTTP/1.1 engine ([`crate::h1`]) and the general engine
+//! ([`crate::proxy`]) read once per request; a configuration reload ([`crate::reload`]) swaps
+//! it, so a keep-alive connection's next request finds the new routes. A
 //! [`Route`] holds everything a request on it needs: its settings, its credential slot, its
 //! metric handles, and its upstream connections for both engines (the HTTP/1.1 engine's pool,
 //! the general engine's client).
@@ -9,8 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, Guard};
+
 use crate::cache::{Loaded, Slot};
-use crate::config::{AppAuth, RouteConfig};
+use crate::config::{AppAuth, Config, RouteConfig};
 use crate::error::ProxyError;
 use crate::forward::{self, UpstreamClient};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -81,6 +85,25 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// The run-time routes of `config` (its routes and their credential slots, in the same
+    /// order; its app token, access log and connect timeout settings).
+    pub fn from_config(
+        config: &Config,
+        slots: Vec<Slot>,
+        metrics: Arc<Metrics>,
+        tls: &rustls::ClientConfig,
+    ) -> Routes {
+        Routes::new(
+            &config.routes,
+            slots,
+            metrics,
+            config.app_auth.clone(),
+            config.access_log,
+            config.connect_timeout,
+            tls,
+        )
+    }
+
     /// Builds the run-time routes from their settings and credential slots (in the same order).
     pub fn new(
         configs: &[RouteConfig],
@@ -120,5 +143,36 @@ impl Routes {
             connect_timeout,
             metrics,
         }
+    }
+}
+
+/// The routes in force: one atomic load per request, swapped whole by a reload. A request keeps
+/// the [`Routes`] it loaded until it ends, so requests in flight finish on the table they
+/// started with, and the old table (its pools, its secret entries) goes when the last of them
+/// does.
+#[derive(Debug)]
+pub struct RouteTable(ArcSwap<Routes>);
+
+impl RouteTable {
+    /// A table holding `routes`.
+    pub fn new(routes: Arc<Routes>) -> RouteTable {
+        RouteTable(ArcSwap::new(routes))
+    }
+
+    /// The routes now, to keep for a request.
+    #[inline]
+    pub fn current(&self) -> Arc<Routes> {
+        self.0.load_full()
+    }
+
+    /// The routes now, for a short look (no reference count taken).
+    #[inline]
+    pub fn peek(&self) -> Guard<Arc<Routes>> {
+        self.0.load()
+    }
+
+    /// Puts `routes` in force for the requests that start from now on; returns the old ones.
+    pub fn replace(&self, routes: Arc<Routes>) -> Arc<Routes> {
+        self.0.swap(routes)
     }
 }

@@ -1,9 +1,10 @@
 //! Wiring: bind the listeners, start the cache, serve until shutdown, drain.
 //!
 //! [`run`] builds everything from a validated [`Config`], binds both listeners (the app's and the
-//! admin's), fetches secrets in the background, and serves until `shutdown` resolves. Then it
-//! stops accepting, turns `/readyz` to 503, lets in-flight requests finish for up to
-//! `drain_timeout`, and returns.
+//! admin's), fetches secrets in the background, starts the [`Reloader`] (SIGHUP and file
+//! changes), and serves until `shutdown` resolves. Then it stops accepting, turns `/readyz` to
+//! 503, lets in-flight requests finish for up to `drain_timeout` (of the configuration in force),
+//! and returns.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -30,7 +32,8 @@ use crate::h1::{self, Rewind, Served};
 use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
 use crate::metrics::Metrics;
 use crate::proxy;
-use crate::routes::Routes;
+use crate::reload::{ConfigFile, LoadedConfig, Reloader};
+use crate::routes::{RouteTable, Routes};
 use crate::secrets::aws::AwsSource;
 use crate::secrets::file::FileSource;
 use crate::secrets::SecretSource;
@@ -67,8 +70,14 @@ pub async fn source(config: &Config) -> Arc<dyn SecretSource> {
     }
 }
 
-/// Runs the proxy until `shutdown` resolves, then drains.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+/// Runs the proxy with `loaded` (read from `from`, which a reload reads again) until `shutdown`
+/// resolves, then drains.
+pub async fn run(
+    loaded: LoadedConfig,
+    from: ConfigFile,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let config = loaded.config.clone();
     let metrics = Arc::new(Metrics::new());
     let tls = forward::tls_config(config.ca_bundle.as_deref())?;
     let app_listener = bind("listen", config.listen).await?;
@@ -89,39 +98,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let source = source(&config).await;
     let (mut cache, slots) = SecretCache::new(&config.routes, source.clone(), metrics.clone());
     cache.start();
-    let cache = Arc::new(cache);
-    let routes = Arc::new(Routes::new(
-        &config.routes,
-        slots,
-        metrics.clone(),
-        config.app_auth.clone(),
-        config.access_log,
-        config.connect_timeout,
-        &tls,
-    ));
+    let routes = Routes::from_config(&config, slots, metrics.clone(), &tls);
+    let table = Arc::new(RouteTable::new(Arc::new(routes)));
     // The general engine, built once: its clones share the in-flight request limit.
-    let general = proxy::stack(routes.clone(), config.max_connections);
+    let general = proxy::stack(table.clone(), config.max_connections);
     let admin_state = Arc::new(AdminState {
-        cache: cache.clone(),
+        cache: ArcSwap::from_pointee(cache),
+        config: ArcSwap::from_pointee(loaded),
         metrics: metrics.clone(),
         draining: AtomicBool::new(false),
     });
+    let reloader = Reloader::new(
+        from,
+        table.clone(),
+        admin_state.clone(),
+        source.clone(),
+        tls,
+        metrics.clone(),
+    );
 
     if !app_addr.ip().is_loopback() && config.app_auth.is_none() {
         tracing::warn!(addr = %app_addr,
             "the app listener is not on loopback and no app token is required: anything that can reach this address can use the keys; set [app_auth] or listen on 127.0.0.1");
     }
-    for r in &config.routes {
-        if r.upstream.scheme == http::uri::Scheme::HTTP && !is_local(r.upstream.authority.host()) {
-            tracing::warn!(route = %r.name, upstream = %r.upstream,
-                "upstream is plain http: the key crosses the network unencrypted");
-        }
-    }
+    warn_plain_http(&config);
     tracing::info!(addr = %app_addr, "app listener ready");
     tracing::info!(addr = %admin_addr, "admin listener ready");
     tracing::info!(routes = config.routes.len(), source = source.name(), config = %config.origin, "keyproxy started");
 
     let admin_task = tokio::spawn(serve_admin(admin_listener, admin_state.clone()));
+    let reload_task = tokio::spawn(reloader.watch());
 
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
@@ -163,7 +169,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         };
         let _ = stream.set_nodelay(true);
         let general = general.clone();
-        let routes = routes.clone();
+        let table = table.clone();
         let drain = drain.clone();
         let http = http.clone();
         let gauge = metrics.connections.clone();
@@ -171,7 +177,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tokio::spawn(async move {
             // HTTP/1.1 to plain-http upstreams on the fast path; the rest of a connection goes
             // to hyper from the first request the fast path does not take.
-            if let Served::Handoff(stream, read) = h1::serve(&routes, stream, &drain).await {
+            if let Served::Handoff(stream, read) = h1::serve(&table, stream, &drain).await {
                 let svc = TowerToHyperService::new(general);
                 let conn = http.serve_connection(TokioIo::new(Rewind::new(stream, read)), svc);
                 let mut conn = std::pin::pin!(conn);
@@ -192,18 +198,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     admin_state.draining.store(true, Ordering::Relaxed);
+    reload_task.abort();
     drop(app_listener);
-    tracing::info!(drain_timeout = %humantime::format_duration(config.drain_timeout),
+    let drain_timeout = admin_state.config.load().config.drain_timeout;
+    tracing::info!(drain_timeout = %humantime::format_duration(drain_timeout),
         "shutting down: no new connections; waiting for requests in flight");
     drain.start();
     // Every connection holds a permit until it ends: all of them back means all closed.
     let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
         _ = limit.acquire_many(all) => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; closing the remaining connections"),
+        () = tokio::time::sleep(drain_timeout) => tracing::warn!("drain timeout reached; closing the remaining connections"),
     }
     admin_task.abort();
     Ok(())
+}
+
+/// Warns about each route whose upstream is plain http on another host.
+pub(crate) fn warn_plain_http(config: &Config) {
+    for r in &config.routes {
+        if r.upstream.scheme == http::uri::Scheme::HTTP && !is_local(r.upstream.authority.host()) {
+            tracing::warn!(route = %r.name, upstream = %r.upstream,
+                "upstream is plain http: the key crosses the network unencrypted");
+        }
+    }
 }
 
 fn is_local(host: &str) -> bool {

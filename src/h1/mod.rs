@@ -24,6 +24,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
@@ -33,7 +34,7 @@ use tokio::net::TcpStream;
 
 use crate::drain::Drain;
 use crate::limits::{BODY_TIMEOUT, HEAD_TIMEOUT, MAX_HEADER_BYTES};
-use crate::routes::Routes;
+use crate::routes::{RouteTable, Routes};
 
 mod chunked;
 mod relay;
@@ -73,7 +74,10 @@ pub enum Served {
 
 /// One app connection on the fast path.
 struct Conn<'p> {
-    routes: &'p Routes,
+    /// The routes in force, read again for each request (a reload swaps them).
+    table: &'p RouteTable,
+    /// The routes of the current request: the table's as its head was planned.
+    routes: Arc<Routes>,
     app: TcpStream,
     /// Bytes read from the app and not yet used.
     buf: BytesMut,
@@ -92,10 +96,12 @@ struct Conn<'p> {
     deadline: Deadline,
 }
 
-/// Serves `app` on the fast path until it closes or a request needs the general path.
-pub async fn serve(routes: &Routes, app: TcpStream, drain: &Drain) -> Served {
+/// Serves `app` on the fast path until it closes or a request needs the general path. Each
+/// request is planned against the routes in force when its head arrives.
+pub async fn serve(table: &RouteTable, app: TcpStream, drain: &Drain) -> Served {
     let mut conn = Conn {
-        routes,
+        table,
+        routes: table.current(),
         app,
         buf: BytesMut::new(),
         up: BytesMut::new(),
@@ -186,7 +192,7 @@ impl Conn<'_> {
 
     /// Forwards one planned request and relays the answer.
     async fn exchange(&mut self, plan: Plan, drain: &Drain) -> Step {
-        let routes = self.routes;
+        let routes = self.routes.clone();
         let route = &routes.list[plan.route];
         let start = Instant::now();
         self.buf.advance(plan.head_len);
@@ -253,7 +259,7 @@ impl Conn<'_> {
                     || drain.started()
                     || answer.head.framing == Framing::UntilClose
                     || answer.app_unread;
-                self.relay(plan.route, answer, close)
+                self.relay(route, answer, close)
                     .await
                     .map(|step| (status, step))
             }

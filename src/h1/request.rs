@@ -4,6 +4,7 @@
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
+use arc_swap::Guard;
 use bytes::Bytes;
 
 use super::Conn;
@@ -48,7 +49,12 @@ pub(super) enum ReqBody {
 impl Conn<'_> {
     /// Parses the buffered head and decides whether and how the fast path forwards it.
     pub(super) fn plan(&mut self) -> Parsed {
-        let routes = self.routes;
+        // The routes in force now: one atomic load, and a new reference only after a reload.
+        let now = self.table.peek();
+        if !Arc::ptr_eq(&now, &self.routes) {
+            self.routes = Guard::into_inner(now);
+        }
+        let routes = &self.routes;
         let mut storage = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let head_len = match req.parse_with_uninit_headers(&self.buf, &mut storage) {
