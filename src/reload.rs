@@ -82,7 +82,7 @@ impl LoadedConfig {
         json!({
             "origin": self.config.origin,
             "sha256": self.sha256,
-            "loaded_at": humantime::format_rfc3339_seconds(self.loaded_at).to_string(),
+            "loaded_at": humantime::format_rfc3339_millis(self.loaded_at).to_string(),
         })
     }
 }
