@@ -12,7 +12,8 @@
 //! `keyproxy_config_reloads_total{result="error"}` counts it. Valid: the secret cache is renewed
 //! ([`SecretCache::renew`]: secrets the old routes already had are not fetched again; new ones
 //! are fetched before the new routes go live, for up to [`WARM_WITHIN`]), the new route table
-//! is swapped in ([`RouteTable::replace`]), and `result="ok"` counts it. Both engines read the
+//! is swapped in ([`RouteTable::replace`]; a route whose upstream did not change keeps its
+//! upstream connections, [`crate::routes::Routes::renew`]), and `result="ok"` counts it. Both engines read the
 //! table once per request, so a keep-alive connection's next request uses the new routes;
 //! requests in flight finish on the old ones, and no connection is closed.
 //!
@@ -34,7 +35,7 @@ use crate::admin::AdminState;
 use crate::config::{Config, ConfigError};
 use crate::forward;
 use crate::metrics::Metrics;
-use crate::routes::{RouteTable, Routes};
+use crate::routes::RouteTable;
 use crate::secrets::SecretSource;
 
 /// How often the config file is read and its checksum compared.
@@ -131,6 +132,14 @@ impl ConfigFile {
     }
 }
 
+/// What the poll compares: the SHA-256 of the file's bytes, or why it could not be read.
+fn fingerprint(read: &std::io::Result<Vec<u8>>) -> String {
+    match read {
+        Ok(bytes) => sha256(bytes),
+        Err(e) => format!("unreadable: {:?}", e.kind()),
+    }
+}
+
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256(bytes: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
@@ -155,9 +164,9 @@ pub struct Reloader {
     /// SIGHUP, registered when the reloader is made (before the listeners say they are ready,
     /// so an early SIGHUP never meets the default action, which ends the process).
     hangup: Option<tokio::signal::unix::Signal>,
-    /// The checksum of the last bytes read by the poll, applied or not (an invalid file is
-    /// reported once, not at every poll).
-    last_seen: Option<String>,
+    /// The [`fingerprint`] of the last read by the poll or SIGHUP, applied or not (an invalid
+    /// or unreadable file is reported once, not at every poll).
+    last_seen: String,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -194,7 +203,7 @@ impl Reloader {
                 None
             }
         };
-        let last_seen = admin.config.load().sha256.clone();
+        let last_seen = admin.config.load().sha256.clone().unwrap_or_default();
         Reloader {
             from,
             table,
@@ -233,8 +242,8 @@ impl Reloader {
             return;
         };
         let bytes = tokio::fs::read(&path).await;
-        let sum = bytes.as_ref().ok().map(|b| sha256(b));
-        if sum.is_some() && sum == self.admin.config.load().sha256 {
+        let sum = fingerprint(&bytes);
+        if Some(&sum) == self.admin.config.load().sha256.as_ref() {
             tracing::info!(config = %path.display(), "SIGHUP received: the configuration file is unchanged; nothing to reload");
             return;
         }
@@ -248,19 +257,16 @@ impl Reloader {
         let Some(path) = self.from.path.clone() else {
             return;
         };
-        let first = tokio::fs::read(&path).await;
-        let sum = first.as_ref().ok().map(|b| sha256(b));
-        if sum == self.last_seen || (sum.is_none() && self.last_seen.is_none()) {
+        let sum = fingerprint(&tokio::fs::read(&path).await);
+        if sum == self.last_seen {
             return;
         }
         tokio::time::sleep(SETTLE).await;
         let bytes = tokio::fs::read(&path).await;
-        let again = bytes.as_ref().ok().map(|b| sha256(b));
-        if again != sum {
+        if fingerprint(&bytes) != sum {
             return;
         }
-        // An unreadable file (`None`) is reported once, until it can be read again.
-        self.last_seen = sum.or_else(|| Some(String::new()));
+        self.last_seen = sum;
         self.reload(&path, bytes, "file changed").await;
     }
 
@@ -309,7 +315,15 @@ impl Reloader {
         );
         cache.warm(WARM_WITHIN).await;
         cache.start();
-        let routes = Routes::from_config(&new.config, slots, self.metrics.clone(), &tls);
+        let keep_connections = new.config.ca_bundle == old.config.ca_bundle
+            && new.config.connect_timeout == old.config.connect_timeout;
+        let routes = self.table.peek().renew(
+            &new.config,
+            slots,
+            self.metrics.clone(),
+            &tls,
+            keep_connections,
+        );
         let diff = RouteDiff::new(&old.config, &new.config);
         crate::server::warn_plain_http(&new.config);
 

@@ -31,8 +31,9 @@ pub struct Route {
     /// Its metric handles.
     pub metrics: RouteMetrics,
     /// The HTTP/1.1 engine's keep-alive pool, when the route's upstream speaks HTTP/1.1:
-    /// `http://`, or `https://` with `http2 = false`.
-    pub pool: Option<Pool>,
+    /// `http://`, or `https://` with `http2 = false` (shared with the route's next version when
+    /// a reload keeps its upstream).
+    pub pool: Option<Arc<Pool>>,
     /// The general engine's client: HTTP/2 and HTTP/1.1 offered by ALPN with `http2 = true`,
     /// HTTP/1.1 only otherwise, so the route's protocol choice holds on both engines.
     pub client: UpstreamClient,
@@ -104,6 +105,39 @@ impl Routes {
         )
     }
 
+    /// The routes of a reloaded `config`, as [`Routes::from_config`], keeping the upstream
+    /// connections of this table: a route of the same name whose upstream (scheme, host, port)
+    /// and `http2` did not change keeps its pool and client, so a reload opens no new upstream
+    /// connection for it. Nothing is kept when `keep_connections` is false (the TLS settings or
+    /// the connect timeout changed).
+    pub fn renew(
+        &self,
+        config: &Config,
+        slots: Vec<Slot>,
+        metrics: Arc<Metrics>,
+        tls: &rustls::ClientConfig,
+        keep_connections: bool,
+    ) -> Routes {
+        let mut routes = Routes::from_config(config, slots, metrics, tls);
+        if !keep_connections {
+            return routes;
+        }
+        for r in &mut routes.list {
+            let (new, up) = (&r.config, &r.config.upstream);
+            let old = self.list.iter().find(|o| {
+                o.config.name == new.name
+                    && o.config.upstream.scheme == up.scheme
+                    && o.config.upstream.authority == up.authority
+                    && o.config.http2 == new.http2
+            });
+            if let Some(old) = old {
+                r.pool.clone_from(&old.pool);
+                r.client = old.client.clone();
+            }
+        }
+        routes
+    }
+
     /// Builds the run-time routes from their settings and credential slots (in the same order).
     pub fn new(
         configs: &[RouteConfig],
@@ -125,7 +159,7 @@ impl Routes {
             .zip(slots)
             .map(|(config, slot)| Route {
                 metrics: metrics.route(&config.name),
-                pool: Pool::for_route(config, &h1_tls),
+                pool: Pool::for_route(config, &h1_tls).map(Arc::new),
                 client: if config.http2 {
                     client_h2.clone()
                 } else {

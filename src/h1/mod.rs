@@ -13,7 +13,9 @@
 //! head; `upstream` runs one exchange with the upstream (pool, body sent while watching for an
 //! early answer, response head); `response` checks and rewrites the response head; `relay`
 //! relays the body (`chunked` decodes and re-encodes chunked ones); `timer` is the one timer
-//! per connection; `rewind` hands a connection to hyper. The connection loop is here.
+//! per connection; `rewind` hands a connection to hyper. The connection loop is here. Each
+//! request is planned against the route table in force when its head is complete (one atomic
+//! load; see [`RouteTable`]), so a reload reaches a keep-alive connection's next request.
 //!
 //! Everything else is handed to hyper ([`crate::proxy`]) for the rest of the connection, with
 //! the bytes read so far: HTTP/1.0, HTTP/2, `Transfer-Encoding` or `Expect` or `Upgrade` in the
