@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, Guard};
+use arc_swap::{ArcSwap, Cache, Guard};
 
 use crate::cache::{Loaded, Slot};
 use crate::config::{AppAuth, Config, RouteConfig};
@@ -180,6 +180,9 @@ impl Routes {
     }
 }
 
+/// A connection's cached view of a [`RouteTable`] ([`RouteTable::cache`]).
+pub type TableCache<'a> = Cache<&'a ArcSwap<Routes>, Arc<Routes>>;
+
 /// The routes in force: one atomic load per request, swapped whole by a reload. A request keeps
 /// the [`Routes`] it loaded until it ends, so requests in flight finish on the table they
 /// started with, and the old table (its pools, its secret entries) goes when the last of them
@@ -203,6 +206,12 @@ impl RouteTable {
     #[inline]
     pub fn peek(&self) -> Guard<Arc<Routes>> {
         self.0.load()
+    }
+
+    /// A per-connection view of the table for the HTTP/1.1 engine: checking it for a reload
+    /// costs one relaxed load and a compare; only after a reload does it take a new reference.
+    pub fn cache(&self) -> TableCache<'_> {
+        Cache::new(&self.0)
     }
 
     /// Puts `routes` in force for the requests that start from now on; returns the old ones.

@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 
 use crate::drain::Drain;
 use crate::limits::{BODY_TIMEOUT, HEAD_TIMEOUT, MAX_HEADER_BYTES};
-use crate::routes::{RouteTable, Routes};
+use crate::routes::{RouteTable, Routes, TableCache};
 
 mod chunked;
 mod relay;
@@ -76,8 +76,8 @@ pub enum Served {
 
 /// One app connection on the fast path.
 struct Conn<'p> {
-    /// The routes in force, read again for each request (a reload swaps them).
-    table: &'p RouteTable,
+    /// The routes in force, checked again for each request (a reload swaps them).
+    table: TableCache<'p>,
     /// The routes of the current request: the table's as its head was planned.
     routes: Arc<Routes>,
     app: TcpStream,
@@ -102,7 +102,7 @@ struct Conn<'p> {
 /// request is planned against the routes in force when its head arrives.
 pub async fn serve(table: &RouteTable, app: TcpStream, drain: &Drain) -> Served {
     let mut conn = Conn {
-        table,
+        table: table.cache(),
         routes: table.current(),
         app,
         buf: BytesMut::new(),

@@ -4,7 +4,6 @@
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
-use arc_swap::Guard;
 use bytes::Bytes;
 
 use super::Conn;
@@ -49,10 +48,10 @@ pub(super) enum ReqBody {
 impl Conn<'_> {
     /// Parses the buffered head and decides whether and how the fast path forwards it.
     pub(super) fn plan(&mut self) -> Parsed {
-        // The routes in force now: one atomic load, and a new reference only after a reload.
-        let now = self.table.peek();
-        if !Arc::ptr_eq(&now, &self.routes) {
-            self.routes = Guard::into_inner(now);
+        // The routes in force now: one relaxed load, and a new reference only after a reload.
+        let now = self.table.load();
+        if !Arc::ptr_eq(now, &self.routes) {
+            self.routes = now.clone();
         }
         let routes = &self.routes;
         let mut storage = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
