@@ -15,7 +15,8 @@
 //!     to inner: observe (metrics, access log, errors → responses), refuse CONNECT, app token,
 //!     in-flight limit, routing, 401 replay, timeout, upstream (inject, rewrite, send, relay).
 //! - [`routes`]: what a route is at run time (settings, credential slot, metric handles, the
-//!   HTTP/1.1 [`pool`] and the hyper client), owned by neither engine; the 401 decision.
+//!   HTTP/1.1 [`pool`] and the hyper client), owned by neither engine; the 401 decision; the
+//!   route table both engines read once per request, which a reload swaps.
 //! - [`route`]: the request rules both engines call: route match by path prefix (reverse mode)
 //!   or host (forward mode), path checks, the `Host` count, the app token.
 //! - [`inject`]: value templates (`Bearer {secret}`), header and query-parameter credentials,
