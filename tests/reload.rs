@@ -497,7 +497,12 @@ async fn ten_reloads_under_load_drop_nothing_and_fetch_only_new_secrets() {
             let path = format!("/{name}/z");
             if is && !was {
                 let took = until_status(&mut probe, &path, 200, Duration::from_secs(1)).await;
-                slowest = slowest.max(started.elapsed().max(took));
+                let live = started.elapsed().max(took);
+                assert!(
+                    live < Duration::from_secs(1),
+                    "{path} live {live:?} after the write ({how:?})"
+                );
+                slowest = slowest.max(live);
             }
             if !is {
                 let (status, kind, _) = probe.get(&path).await.expect("probe");
