@@ -3,7 +3,8 @@
 //! - `/healthz`: 200 while the process serves.
 //! - `/readyz`: 200 once every route has a key (an OAuth2 route: a token in force); 503 naming
 //!   the routes still waiting and why, or while shutting down. The JSON body lists each
-//!   secret's state and each OAuth2 token's (never a value).
+//!   secret's state and each OAuth2 token's (never a value), and the configuration in force: its
+//!   file, the SHA-256 of the file's bytes, and when it was loaded.
 //! - `/metrics`: Prometheus text.
 //! - `POST /refresh` (`?secret=ID` for one secret id): re-fetches now, under the 401 path's
 //!   rate limit ([`crate::cache::Entry::refresh_on_demand`]); JSON with each secret's version
@@ -12,6 +13,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -19,12 +21,15 @@ use serde_json::json;
 
 use crate::cache::SecretCache;
 use crate::metrics::Metrics;
+use crate::reload::LoadedConfig;
 
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct AdminState {
-    /// The secret cache.
-    pub cache: Arc<SecretCache>,
+    /// The secret cache (a reload replaces it).
+    pub cache: ArcSwap<SecretCache>,
+    /// The configuration in force (a reload replaces it).
+    pub config: ArcSwap<LoadedConfig>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     /// Set once shutdown begins: `/readyz` answers 503.
@@ -44,8 +49,8 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 /// The readiness report: (ready, JSON body).
 pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
     let mut waiting = Vec::new();
-    let secrets: Vec<_> = state
-        .cache
+    let cache = state.cache.load();
+    let secrets: Vec<_> = cache
         .entries()
         .iter()
         .map(|e| {
@@ -67,8 +72,8 @@ pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
             })
         })
         .collect();
-    let tokens: Vec<_> = state
-        .cache
+    let cache = state.cache.load();
+    let tokens: Vec<_> = cache
         .tokens()
         .iter()
         .map(|t| {
@@ -104,6 +109,7 @@ pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
             "waiting": waiting,
             "secrets": secrets,
             "tokens": tokens,
+            "config": state.config.load().summary(),
         }),
     )
 }
@@ -123,7 +129,7 @@ fn secret_param(query: Option<&str>) -> Option<String> {
 /// `POST /refresh[?secret=ID]`.
 async fn refresh(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
     let only = secret_param(query);
-    let Some(done) = state.cache.refresh_on_demand(only.as_deref()).await else {
+    let Some(done) = state.cache.load().refresh_on_demand(only.as_deref()).await else {
         let id = only.unwrap_or_default();
         let body = json!({
             "error": format!("no secret {id:?} in the configuration"),
@@ -191,7 +197,7 @@ pub async fn handle<B>(state: &AdminState, req: &Request<B>) -> Response<Full<By
             reply(status, "application/json", body.to_string() + "\n")
         }
         "/metrics" => {
-            state.cache.update_gauges(&state.metrics);
+            state.cache.load().update_gauges(&state.metrics);
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

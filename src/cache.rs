@@ -26,6 +26,12 @@
 //! [`Entry::refresh_on_demand`] is `POST /refresh` (after a rotation, so the next request has
 //! the new key without meeting a 401): one fetch under the same lock, at most one forced fetch
 //! per `refresh_cooldown` (a 401's counts), none while Secrets Manager is throttling.
+//!
+//! A configuration reload builds a new cache from the old one ([`SecretCache::renew`]): an entry
+//! for a (secret id, stage) the old cache held, from the same source, starts with the old value
+//! (its text is kept in [`Loaded::value`]), rendered for its new set of routes without a fetch,
+//! and keeps the old refresh schedule; only secrets new to the cache are fetched. The old cache's
+//! refresh tasks stop, so a secret no route uses any more is no longer fetched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -122,6 +128,8 @@ struct Health {
     last_success: Option<Instant>,
     /// The last fetch's error, while it is the latest result.
     last_error: Option<SourceError>,
+    /// When the background task fetches next (kept across a reload).
+    next_fetch: Option<Instant>,
 }
 
 /// A snapshot of an entry's state for `/readyz` and `/metrics`.
@@ -203,6 +211,9 @@ enum PendingRead {
     /// Nothing usable (the refused version itself, an unusable value, or an error).
     Nothing,
 }
+
+/// An entry's identity: (role, secret id, stage).
+type EntryKey<'a> = (Option<&'a AssumeRole>, &'a str, &'a str);
 
 /// One secret version stage, its rendered credentials, and its refresh machinery.
 pub struct Entry {
@@ -420,6 +431,12 @@ impl Entry {
     /// Renders every consumer's credential from `value` (one version: every header of a route
     /// from the same text), or refuses the value (recorded; the last good value stays).
     fn render(&self, value: &Secret) -> Result<Vec<Credential>, SourceError> {
+        self.try_render(value)
+            .inspect_err(|err| self.record_error(err.clone()))
+    }
+
+    /// Renders every consumer's credential from `value`, or says why it cannot be used.
+    fn try_render(&self, value: &Secret) -> Result<Vec<Credential>, SourceError> {
         self.check_clients(value)?;
         let mut creds = Vec::with_capacity(self.consumers.len());
         for c in &self.consumers {
@@ -431,7 +448,6 @@ impl Entry {
                         id: self.secret_id.clone(),
                         detail: format!("refused for route {:?}: {e}", c.route),
                     };
-                    self.record_error(err.clone());
                     return Err(err);
                 }
             }
@@ -439,19 +455,17 @@ impl Entry {
         Ok(creds)
     }
 
-    /// Refuses `value` (recorded) if an OAuth2 route cannot read its client credentials in it.
+    /// Refuses `value` if an OAuth2 route cannot read its client credentials in it.
     fn check_clients(&self, value: &Secret) -> Result<(), SourceError> {
         for c in &self.clients {
             if let Err(detail) = client_credentials(value, c) {
-                let err = SourceError::Invalid {
+                return Err(SourceError::Invalid {
                     id: self.secret_id.clone(),
                     detail: format!(
                         "refused for route {:?} (OAuth2 client credentials): {detail}",
                         c.route
                     ),
-                };
-                self.record_error(err.clone());
-                return Err(err);
+                });
             }
         }
         Ok(())
@@ -643,7 +657,7 @@ impl Entry {
         loop {
             // Another entry's call may have been throttled while this one slept.
             while let Some(wait) = self.gate.closed_for() {
-                tokio::time::sleep(wait).await;
+                self.sleep(wait).await;
             }
             let wait = match self.refresh().await {
                 Ok(()) => {
@@ -660,7 +674,72 @@ impl Entry {
                     backoff::full_jitter(backoff::AFTER_FAILURE.window(failures, cap))
                 }
             };
-            tokio::time::sleep(wait).await;
+            self.sleep(wait).await;
+        }
+    }
+
+    /// The background task's sleep until its next fetch, noted for a reload to keep.
+    async fn sleep(&self, wait: Duration) {
+        if let Ok(mut h) = self.health.lock() {
+            h.next_fetch = Some(Instant::now() + wait);
+        }
+        tokio::time::sleep(wait).await;
+    }
+
+    /// How long until the background task's next fetch, if it is sleeping.
+    fn next_fetch_in(&self) -> Option<Duration> {
+        let h = self.health.lock().ok()?;
+        h.next_fetch
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    /// What identifies the entry across a reload: (role, secret id, stage).
+    fn key(&self) -> EntryKey<'_> {
+        (
+            self.role.as_ref(),
+            self.secret_id.as_str(),
+            self.stage.as_str(),
+        )
+    }
+
+    /// Starts this new entry from `old`'s value, rendered for this entry's routes, and `old`'s
+    /// health. `false`: `old` has no value, or it cannot be used for these routes (recorded as
+    /// a fetch would be), and this entry starts empty.
+    fn seed_from(&self, old: &Entry) -> bool {
+        let health = old.health.lock().map(|h| h.clone()).unwrap_or_default();
+        if let Ok(mut h) = self.health.lock() {
+            *h = health;
+        }
+        let Some(loaded) = old.current() else {
+            return false;
+        };
+        let creds = match self.try_render(&loaded.value) {
+            Ok(creds) => creds,
+            Err(e) => {
+                tracing::warn!(secret = %self.secret_id, stage = %self.stage, error = %e,
+                    "the loaded value does not fit the reloaded routes; fetching it again");
+                return false;
+            }
+        };
+        self.state.store(Some(Arc::new(Loaded {
+            version_id: loaded.version_id.clone(),
+            value: loaded.value.clone(),
+            creds,
+            pending: loaded.pending.clone(),
+        })));
+        true
+    }
+
+    /// Drops this entry's gauges (a reload left no route using it).
+    fn forget_metrics(&self) {
+        self.metrics.secret_stale.remove(&self.label);
+        self.metrics.secret_age.remove(&self.label);
+        if let Some(v) = self.current().and_then(|c| c.version_id.clone()) {
+            self.metrics.secret_version.remove(&SecretVersionLabel {
+                secret: self.secret_id.clone(),
+                stage: self.stage.clone(),
+                version_id: v,
+            });
         }
     }
 }
@@ -732,9 +811,14 @@ impl Slot {
 pub struct SecretCache {
     entries: Vec<Arc<Entry>>,
     tokens: Vec<Arc<Token>>,
+    /// Per entry, the wait before its task's first fetch when it has one already (an entry
+    /// carried over by a reload, or fetched by [`SecretCache::warm`]); `None`: fetch at start.
+    first_fetch: Vec<Option<Duration>>,
     tasks: Vec<JoinHandle<()>>,
     /// The longest random delay before the first fetch (the source's start-up jitter).
     startup_jitter: Duration,
+    /// The pause after a throttle, shared by every entry (and kept by a reload).
+    gate: Arc<ThrottleGate>,
 }
 
 impl Drop for SecretCache {
@@ -754,6 +838,83 @@ impl SecretCache {
         sources: &Sources,
         metrics: Arc<Metrics>,
     ) -> (SecretCache, Vec<Slot>) {
+        SecretCache::build(routes, sources, metrics, Arc::default())
+    }
+
+    /// The cache for a reloaded configuration, built from this one: each entry this cache also
+    /// has (same role, secret id and stage) starts with its value, rendered for the entry's new routes
+    /// without a fetch, and its refresh schedule, when `same_source` (else every secret is
+    /// fetched anew from `source`). This cache's refresh tasks stop now; its entries keep
+    /// serving the requests still in flight on the old routes. Start the new cache with
+    /// [`SecretCache::start`] (after [`SecretCache::warm`], to have the new secrets first).
+    pub fn renew(
+        &self,
+        routes: &[RouteConfig],
+        sources: &Sources,
+        same_source: bool,
+        metrics: Arc<Metrics>,
+    ) -> (SecretCache, Vec<Slot>) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let gate = if same_source {
+            self.gate.clone()
+        } else {
+            Arc::default()
+        };
+        let (mut cache, slots) = SecretCache::build(routes, sources, metrics, gate);
+        cache.startup_jitter = Duration::ZERO;
+        let old: HashMap<EntryKey<'_>, &Arc<Entry>> =
+            self.entries.iter().map(|e| (e.key(), e)).collect();
+        let mut kept = std::collections::HashSet::new();
+        for (e, first) in cache.entries.iter().zip(cache.first_fetch.iter_mut()) {
+            let key = e.key();
+            let Some(prev) = old.get(&key).filter(|_| same_source) else {
+                continue;
+            };
+            kept.insert(key);
+            if e.seed_from(prev) {
+                // The old schedule, or the new interval if that is shorter.
+                let next = prev.next_fetch_in().unwrap_or(Duration::ZERO);
+                *first = Some(next.min(e.interval));
+            }
+        }
+        for e in &self.entries {
+            if !kept.contains(&e.key()) {
+                e.forget_metrics();
+            }
+        }
+        (cache, slots)
+    }
+
+    /// Fetches, once and together, every entry that has no value to start from (a secret new
+    /// to the cache), waiting at most `within`; the entries fetched start their refresh
+    /// schedule from now. The others are fetched by their task once started.
+    pub async fn warm(&mut self, within: Duration) {
+        let todo: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| self.first_fetch[i].is_none())
+            .collect();
+        let fetches = todo.iter().map(|&i| {
+            let e = self.entries[i].clone();
+            async move { e.refresh().await.is_ok() }
+        });
+        let Ok(done) = tokio::time::timeout(within, futures_util::future::join_all(fetches)).await
+        else {
+            return;
+        };
+        for (i, ok) in todo.into_iter().zip(done) {
+            if ok {
+                self.first_fetch[i] = Some(jitter(self.entries[i].interval));
+            }
+        }
+    }
+
+    fn build(
+        routes: &[RouteConfig],
+        sources: &Sources,
+        metrics: Arc<Metrics>,
+        gate: Arc<ThrottleGate>,
+    ) -> (SecretCache, Vec<Slot>) {
         type Key = (Option<AssumeRole>, String, String);
         let mut groups: Vec<(Key, Vec<usize>)> = Vec::new();
         let mut index: HashMap<Key, usize> = HashMap::new();
@@ -767,7 +928,6 @@ impl SecretCache {
         }
         let mut slots: Vec<Option<Slot>> = vec![None; routes.len()];
         let mut entries = Vec::new();
-        let gate = Arc::new(ThrottleGate::default());
         for ((role, secret_id, stage), members) in groups {
             let source = sources.get(role.as_ref());
             let (clients, renders): (Vec<usize>, Vec<usize>) =
@@ -848,17 +1008,20 @@ impl SecretCache {
         let slots = slots.into_iter().flatten().collect();
         (
             SecretCache {
+                first_fetch: vec![None; entries.len()],
                 entries,
                 tokens: Vec::new(),
                 tasks: Vec::new(),
                 startup_jitter: sources.base().startup_jitter(),
+                gate,
             },
             slots,
         )
     }
 
     /// Starts one background refresh task per entry. The first fetch begins at once, or, with a
-    /// start-up jitter, after a delay drawn once for the process from `[0, startup_jitter]`.
+    /// start-up jitter, after a delay drawn once for the process from `[0, startup_jitter]`; an
+    /// entry that has a value already (see [`SecretCache::renew`]) keeps its schedule.
     pub fn start(&mut self) {
         let delay = backoff::full_jitter(self.startup_jitter);
         if !delay.is_zero() {
@@ -868,8 +1031,12 @@ impl SecretCache {
                 "start-up jitter: the first Secrets Manager call waits"
             );
         }
-        for e in &self.entries {
-            self.tasks.push(tokio::spawn(e.clone().run(delay)));
+        for (e, first) in self.entries.iter().zip(&self.first_fetch) {
+            let wait = first.unwrap_or(delay);
+            if let Ok(mut h) = e.health.lock() {
+                h.next_fetch = Some(Instant::now() + wait);
+            }
+            self.tasks.push(tokio::spawn(e.clone().run(wait)));
         }
         for t in &self.tokens {
             self.tasks.push(tokio::spawn(t.clone().run()));
@@ -897,6 +1064,17 @@ impl SecretCache {
                 slot.token = Some(token.clone());
                 slot.index = 0;
                 self.tokens.push(token);
+            }
+        }
+    }
+
+    /// Starts each OAuth2 token of this (reloaded) cache from `old`'s token for the same route,
+    /// when nothing about how it is minted or presented changed. Call after
+    /// [`SecretCache::add_tokens`], before [`SecretCache::start`].
+    pub fn keep_tokens(&self, old: &SecretCache) {
+        for t in &self.tokens {
+            if let Some(prev) = old.tokens.iter().find(|p| p.route() == t.route()) {
+                t.seed_from(prev);
             }
         }
     }
@@ -1477,6 +1655,93 @@ mod tests {
         src.set("k2", "v2");
         let got = e.refresh_now(&seen).await.expect("l");
         assert_eq!(header(&got, 0), "Bearer k2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_cache_reuses_values_and_schedules_and_fetches_only_new_secrets() {
+        let src = FakeSource::new(r#"{"token":"t1","other":"o1"}"#);
+        let metrics = Arc::new(Metrics::new());
+        let (mut old, old_slots) = SecretCache::new(
+            &[route("a", Some("token"))],
+            &Sources::single(src.clone()),
+            metrics.clone(),
+        );
+        old.start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(old.ready());
+        let fetched = src.fetches();
+        // 20 s into a 60 s interval: `a` changes, `b` reads another field of the same secret,
+        // `c` is a new secret.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let mut a = route("a", Some("other"));
+        a.injection = Injection::header(
+            HeaderName::from_static("x-key"),
+            Template::parse("K {secret}").expect("t"),
+        );
+        let mut c = route("c", None);
+        c.secret_id = "c".into();
+        let routes = [a, route("b", Some("token")), c];
+        let (mut new, slots) = old.renew(
+            &routes,
+            &Sources::single(src.clone()),
+            true,
+            metrics.clone(),
+        );
+        let kept = slots[0].entry.current().expect("seeded, no fetch");
+        assert_eq!(header(&kept, slots[0].index), "K o1");
+        assert_eq!(header(&kept, slots[1].index), "Bearer t1");
+        assert!(slots[2].entry.current().is_none());
+        assert_eq!(
+            src.fetches(),
+            fetched,
+            "nothing fetched for the kept secret"
+        );
+        new.warm(Duration::from_secs(5)).await;
+        assert_eq!(src.fetches(), fetched + 1, "the new secret, once");
+        assert!(new.ready());
+        new.start();
+        // The old task stopped; the kept entry's next fetch is where the old schedule put it
+        // (54..66 s after its first fetch at 0 s: 33..45 s from the renewal at 21 s), not a
+        // fresh interval (54..66 s from the renewal).
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(src.fetches(), fetched + 1);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert_eq!(
+            src.fetches(),
+            fetched + 2,
+            "one fetch for the kept secret, none by the old task"
+        );
+        assert!(
+            old_slots[0].entry.current().is_some(),
+            "old routes still served"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_cache_with_another_source_fetches_everything() {
+        let src = FakeSource::new("k1");
+        let metrics = Arc::new(Metrics::new());
+        let (mut old, _slots) = SecretCache::new(
+            &[route("a", None)],
+            &Sources::single(src.clone()),
+            metrics.clone(),
+        );
+        old.start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let other = FakeSource::new("k2");
+        let (mut new, slots) = old.renew(
+            &[route("a", None)],
+            &Sources::single(other.clone()),
+            false,
+            metrics,
+        );
+        assert!(slots[0].entry.current().is_none());
+        new.warm(Duration::from_secs(5)).await;
+        assert_eq!(
+            header(&slots[0].entry.current().expect("l"), 0),
+            "Bearer k2"
+        );
+        assert_eq!(other.fetches(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -17,7 +17,8 @@
 //!     to inner: observe (metrics, access log, errors → responses), refuse CONNECT, app token,
 //!     in-flight limit, routing, 401 replay, timeout, upstream (inject, rewrite, send, relay).
 //! - [`routes`]: what a route is at run time (settings, credential slot, metric handles, the
-//!   HTTP/1.1 [`pool`] and the hyper client), owned by neither engine; the 401 decision.
+//!   HTTP/1.1 [`pool`] and the hyper client), owned by neither engine; the 401 decision; the
+//!   route table both engines read once per request, which a reload swaps.
 //! - [`route`]: the request rules both engines call: route match by path prefix (reverse mode)
 //!   or host (forward mode), path checks, the `allow` list, the `Host` count, the app token.
 //! - [`inject`]: value templates (`Bearer {secret}`, `{secret.FIELD}`), a route's credential
@@ -40,6 +41,8 @@
 //! - [`secrets`]: the `SecretSource` trait, the `aws` and `file` sources, the redacting `Secret`;
 //!   `Sources`, one source per IAM role the routes read with (`role_arn`, assumed through STS).
 //! - [`config`]: TOML file or `KEYPROXY_*` variables → validated [`config::Config`].
+//! - [`reload`]: configuration reload on SIGHUP and on a change to the file: validate, renew the
+//!   cache (no new fetch for the secrets kept), swap the route table both engines read.
 //! - [`telemetry`]: log setup (text or JSON; third-party crates capped so no wire data is logged).
 //! - [`rotation`]: the rotation function (createSecret, setSecret, testSecret, finishSecret) run
 //!   by the `keyproxy-rotation` Lambda binary and by `keyproxy rotate`.
@@ -64,6 +67,7 @@ pub mod metrics;
 pub mod oauth2;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod retry;
 pub mod rotation;
 pub mod route;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use keyproxy::config::{Config, Listen, DEFAULT_ADMIN_LISTEN};
 use keyproxy::dev::{DevApi, Issuer};
+use keyproxy::reload::ConfigFile;
 use keyproxy::rotation::{self, RotateOptions};
 use keyproxy::secrets::Secret;
 use keyproxy::telemetry::{self, LogFormat};
@@ -448,16 +449,21 @@ fn echo(listen: SocketAddr, issuer: Option<Issuer>, log: &LogArgs) -> ExitCode {
     }
 }
 
-/// Runs the proxy (and the development echo API, if `[dev] echo` asks) until SIGTERM or SIGINT.
+/// Runs the proxy (and the development echo API, if `[dev] echo` asks) until SIGTERM or SIGINT;
+/// SIGHUP or an edit of the config file reloads it.
 fn serve(run: &RunArgs) -> ExitCode {
     if let Err(code) = run.log.init("keyproxy") {
         return code;
     }
-    let config = match load(run.config.as_deref()) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let from = ConfigFile::new(run.config.clone(), std::env::vars().collect());
+    let loaded = match from.load() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("keyproxy: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
-    let rt = match runtime(config.worker_threads) {
+    let rt = match runtime(loaded.config.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyproxy: {e}");
@@ -465,13 +471,13 @@ fn serve(run: &RunArgs) -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        if let Some(addr) = config.dev_echo {
+        if let Some(addr) = loaded.config.dev_echo {
             let api = DevApi::bind(addr, None)
                 .await
                 .map_err(|e| format!("cannot listen on {addr} ([dev] echo): {e}"))?;
             tokio::spawn(api.serve());
         }
-        keyproxy::run(config, keyproxy::shutdown_signal())
+        keyproxy::run(loaded, from, keyproxy::shutdown_signal())
             .await
             .map_err(|e| e.to_string())
     });

@@ -77,6 +77,13 @@ pub struct RouteResult {
     pub result: String,
 }
 
+/// Configuration reload result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadResult {
+    /// `ok` (applied) or `error` (refused; the running configuration stays).
+    pub result: String,
+}
+
 /// All metrics of one proxy.
 pub struct Metrics {
     registry: Registry,
@@ -100,6 +107,8 @@ pub struct Metrics {
     pub connections: Gauge,
     /// App connections refused over `max_connections`.
     pub connections_refused: Counter,
+    /// Configuration reloads, by result.
+    config_reloads: Family<ReloadResult, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -138,6 +147,7 @@ impl Metrics {
             oauth2_mints: Family::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
+            config_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -201,7 +211,26 @@ impl Metrics {
             "App connections refused over max_connections",
             m.connections_refused.clone(),
         );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result (ok: applied; error: refused, the running one stays)",
+            m.config_reloads.clone(),
+        );
+        for result in ["ok", "error"] {
+            let _ = m.config_reloads.get_or_create(&ReloadResult {
+                result: result.into(),
+            });
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Counts a configuration reload: applied (`ok`) or refused.
+    pub fn reloaded(&self, ok: bool) {
+        self.config_reloads
+            .get_or_create(&ReloadResult {
+                result: if ok { "ok" } else { "error" }.into(),
+            })
+            .inc();
     }
 
     /// Handles for one route, created once.

@@ -1,7 +1,9 @@
 //! What a route is at run time, and the table of them that both engines read.
 //!
-//! Owned by neither engine: the server builds a [`Routes`] from the validated config, and the
-//! HTTP/1.1 engine ([`crate::h1`]) and the general engine ([`crate::proxy`]) share it. A
+//! Owned by neither engine: the server builds a [`Routes`] from the validated config and puts it
+//! in a [`RouteTable`], which the HTTP/1.1 engine ([`crate::h1`]) and the general engine
+//! ([`crate::proxy`]) read once per request; a configuration reload ([`crate::reload`]) swaps
+//! it, so a keep-alive connection's next request finds the new routes. A
 //! [`Route`] holds everything a request on it needs: its settings, its credential slot, its
 //! metric handles, and its upstream connections for both engines (the HTTP/1.1 engine's pool,
 //! the general engine's client).
@@ -9,8 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, Cache, Guard};
+
 use crate::cache::{Loaded, Slot};
-use crate::config::{AppAuth, RouteConfig};
+use crate::config::{AppAuth, Config, RouteConfig};
 use crate::error::ProxyError;
 use crate::forward::{self, UpstreamClient};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -27,8 +31,9 @@ pub struct Route {
     /// Its metric handles.
     pub metrics: RouteMetrics,
     /// The HTTP/1.1 engine's keep-alive pool, when the route's upstream speaks HTTP/1.1:
-    /// `http://`, or `https://` with `http2 = false`.
-    pub pool: Option<Pool>,
+    /// `http://`, or `https://` with `http2 = false` (shared with the route's next version when
+    /// a reload keeps its upstream).
+    pub pool: Option<Arc<Pool>>,
     /// The general engine's client: HTTP/2 and HTTP/1.1 offered by ALPN with `http2 = true`,
     /// HTTP/1.1 only otherwise, so the route's protocol choice holds on both engines.
     pub client: UpstreamClient,
@@ -79,6 +84,58 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// The run-time routes of `config` (its routes and their credential slots, in the same
+    /// order; its app token, access log and connect timeout settings).
+    pub fn from_config(
+        config: &Config,
+        slots: Vec<Slot>,
+        metrics: Arc<Metrics>,
+        tls: &rustls::ClientConfig,
+    ) -> Routes {
+        Routes::new(
+            &config.routes,
+            slots,
+            metrics,
+            config.app_auth.clone(),
+            config.access_log,
+            config.connect_timeout,
+            tls,
+        )
+    }
+
+    /// The routes of a reloaded `config`, as [`Routes::from_config`], keeping the upstream
+    /// connections of this table: a route of the same name whose upstream (scheme, host, port)
+    /// and `http2` did not change keeps its pool and client, so a reload opens no new upstream
+    /// connection for it. Nothing is kept when `keep_connections` is false (the TLS settings or
+    /// the connect timeout changed).
+    pub fn renew(
+        &self,
+        config: &Config,
+        slots: Vec<Slot>,
+        metrics: Arc<Metrics>,
+        tls: &rustls::ClientConfig,
+        keep_connections: bool,
+    ) -> Routes {
+        let mut routes = Routes::from_config(config, slots, metrics, tls);
+        if !keep_connections {
+            return routes;
+        }
+        for r in &mut routes.list {
+            let (new, up) = (&r.config, &r.config.upstream);
+            let old = self.list.iter().find(|o| {
+                o.config.name == new.name
+                    && o.config.upstream.scheme == up.scheme
+                    && o.config.upstream.authority == up.authority
+                    && o.config.http2 == new.http2
+            });
+            if let Some(old) = old {
+                r.pool.clone_from(&old.pool);
+                r.client = old.client.clone();
+            }
+        }
+        routes
+    }
+
     /// Builds the run-time routes from their settings and credential slots (in the same order).
     pub fn new(
         configs: &[RouteConfig],
@@ -100,7 +157,7 @@ impl Routes {
             .zip(slots)
             .map(|(config, slot)| Route {
                 metrics: metrics.route(&config.name),
-                pool: Pool::for_route(config, &h1_tls),
+                pool: Pool::for_route(config, &h1_tls).map(Arc::new),
                 client: if config.http2 {
                     client_h2.clone()
                 } else {
@@ -118,5 +175,45 @@ impl Routes {
             connect_timeout,
             metrics,
         }
+    }
+}
+
+/// A connection's cached view of a [`RouteTable`] ([`RouteTable::cache`]).
+pub type TableCache<'a> = Cache<&'a ArcSwap<Routes>, Arc<Routes>>;
+
+/// The routes in force: one atomic load per request, swapped whole by a reload. A request keeps
+/// the [`Routes`] it loaded until it ends, so requests in flight finish on the table they
+/// started with, and the old table (its pools, its secret entries) goes when the last of them
+/// does.
+#[derive(Debug)]
+pub struct RouteTable(ArcSwap<Routes>);
+
+impl RouteTable {
+    /// A table holding `routes`.
+    pub fn new(routes: Arc<Routes>) -> RouteTable {
+        RouteTable(ArcSwap::new(routes))
+    }
+
+    /// The routes now, to keep for a request.
+    #[inline]
+    pub fn current(&self) -> Arc<Routes> {
+        self.0.load_full()
+    }
+
+    /// The routes now, for a short look (no reference count taken).
+    #[inline]
+    pub fn peek(&self) -> Guard<Arc<Routes>> {
+        self.0.load()
+    }
+
+    /// A per-connection view of the table for the HTTP/1.1 engine: checking it for a reload
+    /// costs one relaxed load and a compare; only after a reload does it take a new reference.
+    pub fn cache(&self) -> TableCache<'_> {
+        Cache::new(&self.0)
+    }
+
+    /// Puts `routes` in force for the requests that start from now on; returns the old ones.
+    pub fn replace(&self, routes: Arc<Routes>) -> Arc<Routes> {
+        self.0.swap(routes)
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! [`run`] builds everything from a validated [`Config`], binds both listeners (the app's and the
 //! admin's; TCP or Unix sockets, see [`crate::listener`]), fetches secrets (and mints OAuth2
-//! tokens) in the background, and serves until `shutdown` resolves. Then it stops accepting
-//! (removing a socket file), turns `/readyz` to 503, lets in-flight requests finish for up to
-//! `drain_timeout`, and returns.
+//! tokens) in the background, starts the [`Reloader`] (SIGHUP and file changes), and serves
+//! until `shutdown` resolves. Then it stops accepting (removing a socket file), turns `/readyz`
+//! to 503, lets in-flight requests finish for up to `drain_timeout` (of the configuration in
+//! force), and returns.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -30,7 +32,8 @@ use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
 use crate::listener::{BindError, Listener};
 use crate::metrics::Metrics;
 use crate::proxy;
-use crate::routes::Routes;
+use crate::reload::{ConfigFile, LoadedConfig, Reloader};
+use crate::routes::{RouteTable, Routes};
 use crate::secrets::aws::AwsSource;
 use crate::secrets::file::FileSource;
 use crate::secrets::Sources;
@@ -72,27 +75,50 @@ async fn bind(
 /// Builds the secret sources the config names: for `aws`, one Secrets Manager client over the
 /// base credentials and one per distinct role the routes read with.
 pub async fn sources(config: &Config) -> Sources {
-    match &config.source {
+    let mut sources = match &config.source {
         SourceConfig::Aws(settings) => {
-            let mut sources = Sources::single(Arc::new(AwsSource::connect(settings, None).await));
-            let mut roles: Vec<_> = Vec::new();
-            for role in config.routes.iter().filter_map(|r| r.role.as_ref()) {
-                if !roles.contains(&role) {
-                    roles.push(role);
-                }
-            }
-            for role in roles {
-                let source = AwsSource::connect(settings, Some(role)).await;
-                sources.insert(role.clone(), Arc::new(source));
-            }
-            sources
+            Sources::single(Arc::new(AwsSource::connect(settings, None).await))
         }
         SourceConfig::File(path) => Sources::single(Arc::new(FileSource::new(path.clone()))),
+    };
+    add_role_sources(config, &mut sources).await;
+    sources
+}
+
+/// Adds to `sources` a client for each role a route of `config` reads with and `sources` has
+/// not got yet (a reload keeps the others, with their cached role credentials).
+pub async fn add_role_sources(config: &Config, sources: &mut Sources) {
+    let SourceConfig::Aws(settings) = &config.source else {
+        return;
+    };
+    for role in config.routes.iter().filter_map(|r| r.role.as_ref()) {
+        if !sources.has(role) {
+            let source = AwsSource::connect(settings, Some(role)).await;
+            sources.insert(role.clone(), Arc::new(source));
+        }
     }
 }
 
-/// Runs the proxy until `shutdown` resolves, then drains.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+/// The client OAuth2 routes mint their tokens with: HTTP/1.1, like any small API.
+pub fn token_client(
+    config: &Config,
+    tls: &rustls::ClientConfig,
+) -> Arc<dyn crate::oauth2::Exchange> {
+    Arc::new(forward::client_with(
+        config.connect_timeout,
+        tls.clone(),
+        false,
+    ))
+}
+
+/// Runs the proxy with `loaded` (read from `from`, which a reload reads again) until `shutdown`
+/// resolves, then drains.
+pub async fn run(
+    loaded: LoadedConfig,
+    from: ConfigFile,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let config = loaded.config.clone();
     let metrics = Arc::new(Metrics::new());
     let tls = forward::tls_config(config.ca_bundle.as_deref())?;
     let (app_listener, app_addr) = bind("listen", &config.listen, config.listen_mode).await?;
@@ -102,30 +128,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let sources = sources(&config).await;
     let (mut cache, mut slots) = SecretCache::new(&config.routes, &sources, metrics.clone());
     // OAuth2 routes: the token endpoint speaks HTTP/1.1 like any small API.
-    let token_client: Arc<dyn crate::oauth2::Exchange> = Arc::new(forward::client_with(
-        config.connect_timeout,
-        tls.clone(),
-        false,
-    ));
+    let token_client = token_client(&config, &tls);
     cache.add_tokens(&config.routes, &mut slots, &token_client, &metrics);
     cache.start();
-    let cache = Arc::new(cache);
-    let routes = Arc::new(Routes::new(
-        &config.routes,
-        slots,
-        metrics.clone(),
-        config.app_auth.clone(),
-        config.access_log,
-        config.connect_timeout,
-        &tls,
-    ));
+    let routes = Routes::from_config(&config, slots, metrics.clone(), &tls);
+    let table = Arc::new(RouteTable::new(Arc::new(routes)));
     // The general engine, built once: its clones share the in-flight request limit.
-    let general = proxy::stack(routes.clone(), config.max_connections);
+    let general = proxy::stack(table.clone(), config.max_connections);
     let admin_state = Arc::new(AdminState {
-        cache: cache.clone(),
+        cache: ArcSwap::from_pointee(cache),
+        config: ArcSwap::from_pointee(loaded),
         metrics: metrics.clone(),
         draining: AtomicBool::new(false),
     });
+    let reloader = Reloader::new(
+        from,
+        table.clone(),
+        admin_state.clone(),
+        sources.clone(),
+        tls,
+        metrics.clone(),
+    );
 
     // A Unix socket is guarded by its file's permissions instead.
     let exposed = app_addr.tcp().is_some_and(|a| !a.ip().is_loopback());
@@ -138,17 +161,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!(addr = %app_addr, mode = %format!("{:04o}", config.listen_mode),
             "listen_mode lets any local user connect to the app socket and no app token is required; use 0660 or set [app_auth]");
     }
-    for r in &config.routes {
-        if r.upstream.scheme == http::uri::Scheme::HTTP && !is_local(r.upstream.authority.host()) {
-            tracing::warn!(route = %r.name, upstream = %r.upstream,
-                "upstream is plain http: the key crosses the network unencrypted");
-        }
-    }
+    warn_plain_http(&config);
     tracing::info!(addr = %app_addr, "app listener ready");
     tracing::info!(addr = %admin_addr, "admin listener ready");
     tracing::info!(routes = config.routes.len(), source = sources.base().name(), config = %config.origin, "keyproxy started");
 
     let admin_task = tokio::spawn(serve_admin(admin_listener, admin_state.clone()));
+    let reload_task = tokio::spawn(reloader.watch());
 
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
@@ -189,7 +208,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             continue;
         };
         let general = general.clone();
-        let routes = routes.clone();
+        let table = table.clone();
         let drain = drain.clone();
         let http = http.clone();
         let gauge = metrics.connections.clone();
@@ -197,7 +216,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tokio::spawn(async move {
             // HTTP/1.1 to plain-http upstreams on the fast path; the rest of a connection goes
             // to hyper from the first request the fast path does not take.
-            if let Served::Handoff(stream, read) = h1::serve(&routes, stream, &drain).await {
+            if let Served::Handoff(stream, read) = h1::serve(&table, stream, &drain).await {
                 let svc = TowerToHyperService::new(general);
                 let conn = http.serve_connection(TokioIo::new(Rewind::new(stream, read)), svc);
                 let mut conn = std::pin::pin!(conn);
@@ -218,20 +237,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     admin_state.draining.store(true, Ordering::Relaxed);
+    reload_task.abort();
     drop(app_listener);
-    tracing::info!(drain_timeout = %humantime::format_duration(config.drain_timeout),
+    let drain_timeout = admin_state.config.load().config.drain_timeout;
+    tracing::info!(drain_timeout = %humantime::format_duration(drain_timeout),
         "shutting down: no new connections; waiting for requests in flight");
     drain.start();
     // Every connection holds a permit until it ends: all of them back means all closed.
     let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
         _ = limit.acquire_many(all) => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(config.drain_timeout) => tracing::warn!("drain timeout reached; closing the remaining connections"),
+        () = tokio::time::sleep(drain_timeout) => tracing::warn!("drain timeout reached; closing the remaining connections"),
     }
     admin_task.abort();
     // The admin listener (and a Unix socket file) is gone once the task is.
     let _ = admin_task.await;
     Ok(())
+}
+
+/// Warns about each route whose upstream is plain http on another host.
+pub(crate) fn warn_plain_http(config: &Config) {
+    for r in &config.routes {
+        if r.upstream.scheme == http::uri::Scheme::HTTP && !is_local(r.upstream.authority.host()) {
+            tracing::warn!(route = %r.name, upstream = %r.upstream,
+                "upstream is plain http: the key crosses the network unencrypted");
+        }
+    }
 }
 
 fn is_local(host: &str) -> bool {

@@ -275,7 +275,7 @@ pub struct ConfigError {
 impl ConfigError {
     /// A problem that stops everything else from being checked (the file cannot be read or
     /// parsed).
-    fn single(origin: &str, key: &str, message: String) -> ConfigError {
+    pub(crate) fn single(origin: &str, key: &str, message: String) -> ConfigError {
         let mut problems = Problems::default();
         problems.add(key.to_owned(), message);
         ConfigError {
@@ -349,12 +349,26 @@ impl Config {
     /// Reads and validates a TOML file; `KEYPROXY_LISTEN`/`KEYPROXY_ADMIN_LISTEN` and the other
     /// global variables in `env` override the file.
     pub fn from_file(path: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            let origin = path.display().to_string();
+            ConfigError::single(&origin, "(file)", format!("cannot read the file: {e}"))
+        })?;
+        Config::from_file_bytes(path, &bytes, env)
+    }
+
+    /// Validates `bytes`, read from the TOML file at `path` (which names it in errors and
+    /// resolves its relative paths): what a reload checks, from the very bytes it checksums.
+    pub fn from_file_bytes(
+        path: &Path,
+        bytes: &[u8],
+        env: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
             ConfigError::single(&origin, "(file)", format!("cannot read the file: {e}"))
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Config::from_toml(&text, &origin, &base, env)
+        Config::from_toml(text, &origin, &base, env)
     }
 
     /// Parses TOML text (`origin` names it in errors; relative paths resolve against `base`).

@@ -13,7 +13,9 @@
 //! head; `upstream` runs one exchange with the upstream (pool, body sent while watching for an
 //! early answer, response head); `response` checks and rewrites the response head; `relay`
 //! relays the body (`chunked` decodes and re-encodes chunked ones); `timer` is the one timer
-//! per connection; `rewind` hands a connection to hyper. The connection loop is here.
+//! per connection; `rewind` hands a connection to hyper. The connection loop is here. Each
+//! request is planned against the route table in force when its head is complete (one atomic
+//! load; see [`RouteTable`]), so a reload reaches a keep-alive connection's next request.
 //!
 //! Everything else is handed to hyper ([`crate::proxy`]) for the rest of the connection, with
 //! the bytes read so far: HTTP/1.0, HTTP/2, `Transfer-Encoding` or `Expect` or `Upgrade` in the
@@ -24,6 +26,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
@@ -33,7 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::drain::Drain;
 use crate::limits::{BODY_TIMEOUT, HEAD_TIMEOUT, MAX_HEADER_BYTES};
 use crate::listener::Stream;
-use crate::routes::Routes;
+use crate::routes::{RouteTable, Routes, TableCache};
 
 mod chunked;
 mod relay;
@@ -73,7 +76,10 @@ pub enum Served {
 
 /// One app connection on the fast path.
 struct Conn<'p> {
-    routes: &'p Routes,
+    /// The routes in force, checked again for each request (a reload swaps them).
+    table: TableCache<'p>,
+    /// The routes of the current request: the table's as its head was planned.
+    routes: Arc<Routes>,
     app: Stream,
     /// Bytes read from the app and not yet used.
     buf: BytesMut,
@@ -92,10 +98,12 @@ struct Conn<'p> {
     deadline: Deadline,
 }
 
-/// Serves `app` on the fast path until it closes or a request needs the general path.
-pub async fn serve(routes: &Routes, app: Stream, drain: &Drain) -> Served {
+/// Serves `app` on the fast path until it closes or a request needs the general path. Each
+/// request is planned against the routes in force when its head arrives.
+pub async fn serve(table: &RouteTable, app: Stream, drain: &Drain) -> Served {
     let mut conn = Conn {
-        routes,
+        table: table.cache(),
+        routes: table.current(),
         app,
         buf: BytesMut::new(),
         up: BytesMut::new(),
@@ -186,7 +194,7 @@ impl Conn<'_> {
 
     /// Forwards one planned request and relays the answer.
     async fn exchange(&mut self, plan: Plan, drain: &Drain) -> Step {
-        let routes = self.routes;
+        let routes = self.routes.clone();
         let route = &routes.list[plan.route];
         let start = Instant::now();
         self.buf.advance(plan.head_len);
@@ -253,7 +261,7 @@ impl Conn<'_> {
                     || drain.started()
                     || answer.head.framing == Framing::UntilClose
                     || answer.app_unread;
-                self.relay(plan.route, answer, close)
+                self.relay(route, answer, close)
                     .await
                     .map(|step| (status, step))
             }

@@ -14,6 +14,7 @@ use super::{Conn, Step, COALESCE, RELAY_CHUNK};
 use crate::error::ProxyError;
 use crate::limits::{LINGER, LINGER_BYTES};
 use crate::pool::Upstream;
+use crate::routes::Route;
 
 impl Conn<'_> {
     /// Relays the response (head in `out`, first bytes in `up`) to the app; pools the upstream
@@ -21,7 +22,7 @@ impl Conn<'_> {
     /// and the response is unusable.
     pub(super) async fn relay(
         &mut self,
-        route_index: usize,
+        route: &Route,
         answer: Answer,
         close: bool,
     ) -> Result<Step, ProxyError> {
@@ -31,7 +32,6 @@ impl Conn<'_> {
             body_sent,
             app_unread,
         } = answer;
-        let route = &self.routes.list[route_index];
         self.up.advance(head.len);
         let idle = route.config.idle_timeout;
         let reusable = match head.framing {

@@ -48,7 +48,12 @@ pub(super) enum ReqBody {
 impl Conn<'_> {
     /// Parses the buffered head and decides whether and how the fast path forwards it.
     pub(super) fn plan(&mut self) -> Parsed {
-        let routes = self.routes;
+        // The routes in force now: one relaxed load, and a new reference only after a reload.
+        let now = self.table.load();
+        if !Arc::ptr_eq(now, &self.routes) {
+            self.routes = now.clone();
+        }
+        let routes = &self.routes;
         let mut storage = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let head_len = match req.parse_with_uninit_headers(&self.buf, &mut storage) {

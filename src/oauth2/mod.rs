@@ -264,6 +264,27 @@ impl Token {
         }
     }
 
+    /// Starts this token (of a reloaded configuration) with `old`'s, when both belong to the same
+    /// route, mint the same way, present the token the same way and read the same client
+    /// credentials: a reload re-mints nothing it need not.
+    pub fn seed_from(&self, old: &Token) -> bool {
+        let same = self.route == old.route
+            && self.settings == old.settings
+            && self.injection == old.injection
+            && self.entry.secret_id == old.entry.secret_id
+            && self.entry.stage == old.entry.stage
+            && self.entry.role == old.entry.role;
+        if same {
+            self.state.store(old.state.load_full());
+        }
+        same
+    }
+
+    /// The route this token is for.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
     /// The token in force, for the request path: one atomic load and a clock read, no lock, no
     /// I/O. `None` before the first mint and once the token has expired.
     #[inline]

@@ -1,6 +1,7 @@
 //! The app token check: with `[app_auth]` set, a request must carry the token in the configured
 //! header (compared in constant time by [`app_token_ok`], the rule both engines apply), and the
-//! header goes no further.
+//! header goes no further. The setting is read from the route table in force for each request, so
+//! a reload that sets, changes or removes the token applies to the next request.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,22 +11,20 @@ use tower::{Layer, Service};
 
 use super::{pass, refuse, Checked};
 use crate::body::RespBody;
-use crate::config::AppAuth;
 use crate::error::ProxyError;
 use crate::route::app_token_ok;
+use crate::routes::RouteTable;
 
 /// Builds [`AppToken`] services.
 #[derive(Clone, Debug)]
 pub struct AppTokenLayer {
-    /// The header and token required; `None`: no check.
-    auth: Option<Arc<AppAuth>>,
+    /// Where the header and token required are (`app_auth`; `None`: no check).
+    table: Arc<RouteTable>,
 }
 
-/// Requires `auth`'s token on every request, if set.
-pub fn layer(auth: Option<AppAuth>) -> AppTokenLayer {
-    AppTokenLayer {
-        auth: auth.map(Arc::new),
-    }
+/// Requires the app token of the routes in force in `table` on every request, if they set one.
+pub fn layer(table: Arc<RouteTable>) -> AppTokenLayer {
+    AppTokenLayer { table }
 }
 
 impl<S> Layer<S> for AppTokenLayer {
@@ -34,7 +33,7 @@ impl<S> Layer<S> for AppTokenLayer {
     fn layer(&self, inner: S) -> AppToken<S> {
         AppToken {
             inner,
-            auth: self.auth.clone(),
+            table: self.table.clone(),
         }
     }
 }
@@ -45,8 +44,8 @@ impl<S> Layer<S> for AppTokenLayer {
 pub struct AppToken<S> {
     /// The rest of the stack.
     inner: S,
-    /// The header and token required; `None`: no check.
-    auth: Option<Arc<AppAuth>>,
+    /// Where the header and token required are (`app_auth`; `None`: no check).
+    table: Arc<RouteTable>,
 }
 
 impl<S, B> Service<Request<B>> for AppToken<S>
@@ -62,7 +61,8 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        if let Some(auth) = &self.auth {
+        let routes = self.table.peek();
+        if let Some(auth) = &routes.app_auth {
             let sent = req.headers().get(&auth.header).map(|v| v.as_bytes());
             if !app_token_ok(auth, sent) {
                 return refuse(ProxyError::AppToken(auth.header.to_string()));
@@ -76,12 +76,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::test_support::{app_auth, echo_headers, request, APP_TOKEN};
+    use crate::proxy::test_support::{app_auth, echo_headers, request, table_with, APP_TOKEN};
     use tower::ServiceExt;
 
     #[tokio::test]
     async fn wrong_or_missing_token_is_refused() {
-        let svc = layer(Some(app_auth())).layer(tower::service_fn(echo_headers));
+        let svc = layer(table_with(Some(app_auth()))).layer(tower::service_fn(echo_headers));
         for headers in [
             &[][..],
             &[("x-app-token", "nope")],
@@ -102,7 +102,7 @@ mod tests {
 
     #[tokio::test]
     async fn right_token_passes_and_is_not_forwarded() {
-        let svc = layer(Some(app_auth())).layer(tower::service_fn(echo_headers));
+        let svc = layer(table_with(Some(app_auth()))).layer(tower::service_fn(echo_headers));
         let req = request("GET", "/x", &[("x-app-token", APP_TOKEN), ("x-other", "1")]);
         let resp = svc.oneshot(req).await.expect("passed");
         assert!(!resp.headers().contains_key("x-app-token"));
@@ -111,7 +111,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_app_auth_no_check() {
-        let svc = layer(None).layer(tower::service_fn(echo_headers));
+        let svc = layer(table_with(None)).layer(tower::service_fn(echo_headers));
         let req = request("GET", "/x", &[("x-app-token", "anything")]);
         let resp = svc.oneshot(req).await.expect("passed");
         assert_eq!(resp.headers()["x-app-token"], "anything");

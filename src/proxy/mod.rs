@@ -29,7 +29,7 @@ use tower::{Service, ServiceBuilder};
 use crate::body::{ReqBody, RespBody};
 use crate::cache::Loaded;
 use crate::error::ProxyError;
-use crate::routes::{Route, Routes};
+use crate::routes::{Route, RouteTable, Routes};
 
 pub mod app_token;
 pub mod observe;
@@ -43,11 +43,12 @@ pub mod upstream;
 #[cfg(test)]
 mod test_support;
 
-/// The general engine over `routes`, outer layer first. Build it once and clone it per
+/// The general engine over the routes in force in `table` (read once per request, so a reload
+/// reaches every connection's next request), outer layer first. Build it once and clone it per
 /// connection: the in-flight limit (`max_in_flight`, the config's `max_connections`) is shared
 /// by every clone.
 pub fn stack(
-    routes: Arc<Routes>,
+    table: Arc<RouteTable>,
     max_in_flight: usize,
 ) -> impl Service<
     Request<Incoming>,
@@ -58,18 +59,19 @@ pub fn stack(
        + Send
        + 'static {
     ServiceBuilder::new()
-        .layer(observe::layer(routes.clone()))
+        .layer(observe::layer(table.clone()))
         .layer(refuse_connect::layer())
-        .layer(app_token::layer(routes.app_auth.clone()))
+        .layer(app_token::layer(table.clone()))
         .layer(overload::layer(max_in_flight))
-        .layer(routing::layer(routes))
+        .layer(routing::layer(table))
         .layer(replay::layer())
         .layer(timeout::layer())
         .service(upstream::Upstream)
 }
 
-/// The route a request matched: the shared table and an index in it, so inner layers reach the
-/// route without a lookup that could fail.
+/// The route a request matched: the table it was matched in and an index in it, so inner layers
+/// reach the route without a lookup that could fail, and a reload meanwhile changes nothing
+/// for this request.
 #[derive(Clone, Debug)]
 pub struct RouteRef {
     /// Every route.
@@ -137,7 +139,7 @@ mod tests {
     /// stack over the fixture's routes; the `api` route's upstream refuses connections.
     async fn through_stack(method: &str, uri: &str, token: bool) -> (u16, String) {
         let f = fixture("").await;
-        let svc = stack(f.routes.clone(), 8);
+        let svc = stack(f.table.clone(), 8);
         let mut req = Request::builder()
             .method(method)
             .uri(uri)

@@ -2,8 +2,9 @@
 //! line, and is the one place a [`ProxyError`] becomes a response ([`ProxyError::to_response`]).
 //!
 //! Inner layers report what they learned through an [`Outcome`] this layer puts in the
-//! request's extensions: the route the request matched ([`super::routing`]) and whether it was
-//! replayed ([`super::replay`]).
+//! request's extensions: the route the request matched ([`super::routing`]), from the route
+//! table the request was routed with, and whether it was replayed ([`super::replay`]). Whether
+//! to write the access log line is read from the route table in force when the request ends.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,24 +18,24 @@ use http::{Method, Request, Response, Uri};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::{pass, refuse, Checked};
+use super::{pass, refuse, Checked, RouteRef};
 use crate::body::RespBody;
 use crate::error::ProxyError;
-use crate::routes::{Route, Routes};
+use crate::routes::{Route, RouteTable};
 
 /// What the inner layers learned about one request, for its log line and metrics.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// The matched route's index, once routed.
-    route: OnceLock<usize>,
+    /// The matched route, once routed.
+    route: OnceLock<RouteRef>,
     /// Set when the request was sent again after a 401.
     replayed: AtomicBool,
 }
 
 impl Outcome {
     /// Records the route the request matched.
-    pub fn routed(&self, index: usize) {
-        let _ = self.route.set(index);
+    pub fn routed(&self, route: RouteRef) {
+        let _ = self.route.set(route);
     }
 
     /// Records a 401 replay.
@@ -43,8 +44,8 @@ impl Outcome {
     }
 
     /// The route the request matched, if it was routed.
-    pub fn route(&self) -> Option<usize> {
-        self.route.get().copied()
+    pub fn route(&self) -> Option<&Route> {
+        self.route.get().map(|r| &**r)
     }
 
     /// Whether the request was replayed.
@@ -56,13 +57,13 @@ impl Outcome {
 /// Builds [`Observe`] services.
 #[derive(Clone, Debug)]
 pub struct ObserveLayer {
-    /// Where the metrics and route names are.
-    routes: Arc<Routes>,
+    /// Where the metrics and the access log setting are.
+    table: Arc<RouteTable>,
 }
 
-/// Observes the requests of `routes`.
-pub fn layer(routes: Arc<Routes>) -> ObserveLayer {
-    ObserveLayer { routes }
+/// Observes the requests routed by `table`.
+pub fn layer(table: Arc<RouteTable>) -> ObserveLayer {
+    ObserveLayer { table }
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -71,7 +72,7 @@ impl<S> Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Observe<S> {
         Observe {
             inner,
-            routes: self.routes.clone(),
+            table: self.table.clone(),
             unready: None,
         }
     }
@@ -82,8 +83,8 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct Observe<S> {
     /// The rest of the stack.
     inner: S,
-    /// Where the metrics and route names are.
-    routes: Arc<Routes>,
+    /// Where the metrics and the access log setting are.
+    table: Arc<RouteTable>,
     /// An error the inner service reported when polled for readiness, answered to the next
     /// request (the layers below are always ready; this keeps the error type `Infallible`).
     unready: Option<ProxyError>,
@@ -122,7 +123,7 @@ where
             method,
             uri,
             outcome,
-            routes: self.routes.clone(),
+            table: self.table.clone(),
         }
     }
 }
@@ -136,7 +137,7 @@ pin_project! {
         method: Method,
         uri: Uri,
         outcome: Arc<Outcome>,
-        routes: Arc<Routes>,
+        table: Arc<RouteTable>,
     }
 }
 
@@ -149,14 +150,15 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        let route = this.outcome.route().map(|i| &this.routes.list[i]);
+        let route = this.outcome.route();
+        let routes = this.table.peek();
         let path = this.uri.path();
         let resp = match result {
             Ok(resp) => resp,
             Err(e) => {
                 match route {
                     Some(r) => r.metrics.error(e.kind()),
-                    None => this.routes.metrics.unrouted(e.status().as_u16(), e.kind()),
+                    None => routes.metrics.unrouted(e.status().as_u16(), e.kind()),
                 }
                 if !matches!(e, ProxyError::NoRoute { .. }) {
                     tracing::warn!(route = name(route), method = %this.method, path = %path,
@@ -169,7 +171,7 @@ where
         if let Some(r) = route {
             r.metrics.answered(status);
         }
-        if this.routes.access_log {
+        if routes.access_log {
             tracing::info!(target: "keyproxy::access", route = name(route), method = %this.method,
                 path = %path, status, latency_ms = this.start.elapsed().as_secs_f64() * 1000.0,
                 replayed = this.outcome.was_replayed());
@@ -193,11 +195,13 @@ mod tests {
     /// `routed`) and then fails with `e` or answers 200; and the metrics after it.
     async fn observed(routed: bool, e: Option<ProxyError>) -> (Response<RespBody>, String) {
         let f = fixture("").await;
+        let api = f.route(0);
         let inner = tower::service_fn(move |req: Request<()>| {
             let e = e.clone();
+            let api = api.clone();
             async move {
                 match req.extensions().get::<Arc<Outcome>>() {
-                    Some(o) if routed => o.routed(0),
+                    Some(o) if routed => o.routed(api.clone()),
                     _ => {}
                 }
                 match e {
@@ -206,7 +210,7 @@ mod tests {
                 }
             }
         });
-        let svc = layer(f.routes.clone()).layer(inner);
+        let svc = layer(f.table.clone()).layer(inner);
         let Ok(resp) = svc.oneshot(request("GET", "/api/x", &[])).await;
         (resp, f.routes.metrics.encode())
     }

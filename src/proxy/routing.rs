@@ -1,7 +1,8 @@
 //! Request → route, fail closed: checks `Host` (one, and a host), matches a route (reverse mode by path
-//! prefix, forward mode by host), checks the path and the route's `allow` list, and hands the
-//! inner layers a [`Routed`] request. No match: [`ProxyError::NoRoute`] (404); not in the
-//! allow list: [`ProxyError::NotAllowed`] (403); nothing forwarded either way.
+//! prefix, forward mode by host) in the route table in force when the request arrives, checks the
+//! path and the route's `allow` list, and hands the inner layers a [`Routed`] request, which
+//! keeps that table until it ends. No match: [`ProxyError::NoRoute`] (404); not in the allow
+//! list: [`ProxyError::NotAllowed`] (403); nothing forwarded either way.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,18 +16,18 @@ use super::{pass, refuse, Checked, RouteRef, Routed};
 use crate::body::RespBody;
 use crate::error::ProxyError;
 use crate::route::{allowed, check_path, host_rule, host_value_ok};
-use crate::routes::Routes;
+use crate::routes::{RouteTable, Routes};
 
 /// Builds [`Routing`] services.
 #[derive(Clone, Debug)]
 pub struct RoutingLayer {
-    /// The routes and their table.
-    routes: Arc<Routes>,
+    /// The routes in force.
+    table: Arc<RouteTable>,
 }
 
-/// Routes requests to `routes`.
-pub fn layer(routes: Arc<Routes>) -> RoutingLayer {
-    RoutingLayer { routes }
+/// Routes requests to the routes in force in `table`.
+pub fn layer(table: Arc<RouteTable>) -> RoutingLayer {
+    RoutingLayer { table }
 }
 
 impl<S> Layer<S> for RoutingLayer {
@@ -35,7 +36,7 @@ impl<S> Layer<S> for RoutingLayer {
     fn layer(&self, inner: S) -> Routing<S> {
         Routing {
             inner,
-            routes: self.routes.clone(),
+            table: self.table.clone(),
         }
     }
 }
@@ -45,8 +46,8 @@ impl<S> Layer<S> for RoutingLayer {
 pub struct Routing<S> {
     /// The layers that serve a routed request.
     inner: S,
-    /// The routes and their table.
-    routes: Arc<Routes>,
+    /// The routes in force.
+    table: Arc<RouteTable>,
 }
 
 impl<S, B> Service<Request<B>> for Routing<S>
@@ -65,22 +66,23 @@ where
         if let Err(e) = check_host(&req) {
             return refuse(e);
         }
-        let (index, strip) = match find(&self.routes, &req) {
+        let routes = self.table.current();
+        let (index, strip) = match find(&routes, &req) {
             Ok(found) => found,
             Err(e) => return refuse(e),
         };
+        let route = RouteRef::new(routes, index);
         if let Some(outcome) = req.extensions().get::<Arc<Outcome>>() {
-            outcome.routed(index);
+            outcome.routed(route.clone());
         }
         let path = req.uri().path();
         if let Err(e) = check_path(path) {
             return refuse(ProxyError::BadRequest(e));
         }
         let rest = path.get(strip..).unwrap_or_default();
-        if !allowed(&self.routes.list[index].config, req.method().as_str(), rest) {
+        if !allowed(&route.config, req.method().as_str(), rest) {
             return refuse(ProxyError::not_allowed(req.method().as_str(), rest));
         }
-        let route = RouteRef::new(self.routes.clone(), index);
         pass(self.inner.call(Routed { req, route, strip }))
     }
 }
@@ -147,7 +149,7 @@ mod tests {
 
     async fn route_of(req: Request<()>) -> Result<String, ProxyError> {
         let f = fixture("").await;
-        let resp = layer(f.routes.clone())
+        let resp = layer(f.table.clone())
             .layer(tower::service_fn(answer))
             .oneshot(req)
             .await?;
@@ -207,7 +209,7 @@ mod tests {
     #[tokio::test]
     async fn the_allow_list_is_checked_on_the_path_below_the_prefix_or_the_whole_path() {
         let f = fixture("allow = [\"GET /v1/*\"]").await;
-        let svc = layer(f.routes.clone()).layer(tower::service_fn(answer));
+        let svc = layer(f.table.clone()).layer(tower::service_fn(answer));
         let ok = request("GET", "/api/v1/x?q=/admin", &[("host", "x")]);
         let resp = svc.clone().oneshot(ok).await.expect("allowed");
         assert_eq!(
@@ -241,9 +243,9 @@ mod tests {
         let outcome = Arc::new(Outcome::default());
         let mut req = request("GET", "/api/%2e%2e/admin", &[("host", "x")]);
         req.extensions_mut().insert(outcome.clone());
-        let svc = layer(f.routes.clone()).layer(tower::service_fn(answer));
+        let svc = layer(f.table.clone()).layer(tower::service_fn(answer));
         let e = svc.oneshot(req).await.expect_err("refused");
         assert_eq!(e.kind(), "bad_request");
-        assert_eq!(outcome.route(), Some(0));
+        assert_eq!(outcome.route().map(|r| r.config.name.as_str()), Some("api"));
     }
 }

@@ -20,7 +20,7 @@ use crate::cache::SecretCache;
 use crate::config::{AppAuth, Config};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::routes::Routes;
+use crate::routes::{RouteTable, Routes};
 use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError};
 
 /// A request with no body.
@@ -91,6 +91,8 @@ impl SecretSource for TestSource {
 pub(crate) struct Fixture {
     /// The routes.
     pub(crate) routes: Arc<Routes>,
+    /// A table holding them.
+    pub(crate) table: Arc<RouteTable>,
     /// Their secret's source.
     pub(crate) source: Arc<TestSource>,
     /// Keeps the cache alive.
@@ -113,6 +115,18 @@ pub(crate) fn app_auth() -> AppAuth {
         header: http::header::HeaderName::from_static("x-app-token"),
         token: Secret::new(APP_TOKEN),
     }
+}
+
+/// A route table with no routes and the app token setting `auth`.
+pub(crate) fn table_with(auth: Option<AppAuth>) -> Arc<RouteTable> {
+    Arc::new(RouteTable::new(Arc::new(Routes {
+        list: Vec::new(),
+        router: crate::route::Router::new(&[]),
+        app_auth: auth,
+        access_log: false,
+        connect_timeout: std::time::Duration::from_secs(1),
+        metrics: Arc::new(Metrics::new()),
+    })))
 }
 
 /// Builds the [`Fixture`] routes and loads their key.
@@ -160,8 +174,10 @@ pub(crate) async fn fixture(api_settings: &str) -> Fixture {
         config.connect_timeout,
         &tls,
     );
+    let routes = Arc::new(routes);
     Fixture {
-        routes: Arc::new(routes),
+        table: Arc::new(RouteTable::new(routes.clone())),
+        routes,
         source,
         _cache: cache,
     }

@@ -170,6 +170,11 @@ impl Sources {
         self.roles.insert(role, source);
     }
 
+    /// Whether `role` has its own source.
+    pub fn has(&self, role: &aws::AssumeRole) -> bool {
+        self.roles.contains_key(role)
+    }
+
     /// The source for `role`: its own if one was added, else the base one.
     pub fn get(&self, role: Option<&aws::AssumeRole>) -> &Arc<dyn SecretSource> {
         role.and_then(|r| self.roles.get(r)).unwrap_or(&self.base)
