@@ -20,8 +20,8 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::cache::SecretCache;
+use crate::config::LoadedConfig;
 use crate::metrics::Metrics;
-use crate::reload::LoadedConfig;
 
 /// What the admin endpoints read.
 #[derive(Debug)]

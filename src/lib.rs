@@ -51,6 +51,8 @@
 
 pub mod admin;
 pub mod admin_client;
+pub mod allow;
+pub mod assemble;
 pub mod backoff;
 pub mod body;
 pub mod cache;
@@ -75,6 +77,7 @@ pub mod routes;
 pub mod secrets;
 pub mod server;
 pub mod telemetry;
+pub mod uri;
 
 pub use config::Config;
 pub use server::{run, shutdown_signal};

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use keyproxy::config::ConfigFile;
 use keyproxy::config::{Config, Listen, DEFAULT_ADMIN_LISTEN};
 use keyproxy::dev::{DevApi, Issuer};
-use keyproxy::reload::ConfigFile;
 use keyproxy::rotation::{self, RotateOptions};
 use keyproxy::secrets::Secret;
 use keyproxy::telemetry::{self, LogFormat};

@@ -25,14 +25,12 @@
 //! logged as such and the running value stays.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
-
-use serde_json::json;
+use std::time::Duration;
 
 use crate::admin::AdminState;
-use crate::config::{Config, ConfigError};
+use crate::config::{sha256, Config, ConfigError, ConfigFile, LoadedConfig};
 use crate::forward;
 use crate::metrics::Metrics;
 use crate::routes::RouteTable;
@@ -57,94 +55,12 @@ pub const RESTART_ONLY: [&str; 6] = [
     "listen_mode",
 ];
 
-/// Where the configuration comes from: a TOML file, or `KEYPROXY_*` variables only.
-#[derive(Debug, Clone)]
-pub struct ConfigFile {
-    /// The file; `None`: environment variables only (nothing to reload).
-    path: Option<PathBuf>,
-    /// The process environment, read once at start (variables override the file's globals).
-    env: HashMap<String, String>,
-}
-
-/// A validated configuration, and which bytes it came from.
-#[derive(Debug, Clone)]
-pub struct LoadedConfig {
-    /// The configuration.
-    pub config: Config,
-    /// Lowercase hex SHA-256 of the file's bytes; `None` for a configuration from the
-    /// environment.
-    pub sha256: Option<String>,
-    /// When it was loaded (at start, or by the reload that applied it).
-    pub loaded_at: SystemTime,
-}
-
-impl LoadedConfig {
-    /// What `/readyz` shows of it.
-    pub fn summary(&self) -> serde_json::Value {
-        json!({
-            "origin": self.config.origin,
-            "sha256": self.sha256,
-            "loaded_at": humantime::format_rfc3339_millis(self.loaded_at).to_string(),
-        })
-    }
-}
-
-impl ConfigFile {
-    /// The configuration from `path` (else from `env` alone), with `env` the process environment.
-    pub fn new(path: Option<PathBuf>, env: HashMap<String, String>) -> ConfigFile {
-        ConfigFile { path, env }
-    }
-
-    /// The file, if the configuration comes from one.
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
-
-    /// Reads and validates the configuration now.
-    pub fn load(&self) -> Result<LoadedConfig, ConfigError> {
-        match &self.path {
-            Some(path) => {
-                let bytes = std::fs::read(path);
-                self.validate(path, bytes)
-            }
-            None => Ok(LoadedConfig {
-                config: Config::from_env(&self.env)?,
-                sha256: None,
-                loaded_at: SystemTime::now(),
-            }),
-        }
-    }
-
-    /// Validates bytes read from `path` (or the error reading them).
-    fn validate(
-        &self,
-        path: &Path,
-        bytes: std::io::Result<Vec<u8>>,
-    ) -> Result<LoadedConfig, ConfigError> {
-        let bytes = bytes.map_err(|e| {
-            let origin = path.display().to_string();
-            ConfigError::single(&origin, "(file)", format!("cannot read the file: {e}"))
-        })?;
-        Ok(LoadedConfig {
-            config: Config::from_file_bytes(path, &bytes, &self.env)?,
-            sha256: Some(sha256(&bytes)),
-            loaded_at: SystemTime::now(),
-        })
-    }
-}
-
 /// What the poll compares: the SHA-256 of the file's bytes, or why it could not be read.
 fn fingerprint(read: &std::io::Result<Vec<u8>>) -> String {
     match read {
         Ok(bytes) => sha256(bytes),
         Err(e) => format!("unreadable: {:?}", e.kind()),
     }
-}
-
-/// Lowercase hex SHA-256 of `bytes`.
-pub fn sha256(bytes: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a reload swaps, and what it needs to build the new parts. Owned by the one task that
@@ -173,7 +89,7 @@ pub struct Reloader {
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reloader")
-            .field("from", &self.from.path)
+            .field("from", &self.from.path())
             .finish_non_exhaustive()
     }
 }
@@ -221,7 +137,7 @@ impl Reloader {
     pub async fn watch(mut self) {
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let polling = self.from.path.is_some();
+        let polling = self.from.path().is_some();
         loop {
             let hangup = async {
                 match self.hangup.as_mut() {
@@ -238,7 +154,7 @@ impl Reloader {
 
     /// SIGHUP: read the file now; reload unless its bytes are those in force.
     async fn on_hangup(&mut self) {
-        let Some(path) = self.from.path.clone() else {
+        let Some(path) = self.from.path().map(Path::to_path_buf) else {
             tracing::warn!("SIGHUP received: the configuration comes from environment variables, so there is no file to reload; restart to change it");
             return;
         };
@@ -255,7 +171,7 @@ impl Reloader {
     /// The poll: reload when the file's bytes differ from the last ones seen, and still do a
     /// moment later.
     async fn on_tick(&mut self) {
-        let Some(path) = self.from.path.clone() else {
+        let Some(path) = self.from.path().map(Path::to_path_buf) else {
             return;
         };
         let sum = fingerprint(&tokio::fs::read(&path).await);
@@ -305,11 +221,11 @@ impl Reloader {
         let same_source = new.config.source == old.config.source;
         if !same_source {
             tracing::info!("configuration reload: the secret source changed; every secret is fetched again from the new one");
-            self.sources = crate::server::sources(&new.config).await;
+            self.sources = crate::assemble::sources(&new.config).await;
         } else {
             // Roles new to the configuration get their client; the others keep theirs (and
             // their cached role credentials).
-            crate::server::add_role_sources(&new.config, &mut self.sources).await;
+            crate::assemble::add_role_sources(&new.config, &mut self.sources).await;
         }
 
         let old_cache = self.admin.cache.load_full();
@@ -319,7 +235,7 @@ impl Reloader {
             same_source,
             self.metrics.clone(),
         );
-        let token_client = crate::server::token_client(&new.config, &tls);
+        let token_client = crate::assemble::token_client(&new.config, &tls);
         cache.add_tokens(&new.config.routes, &mut slots, &token_client, &self.metrics);
         if same_source {
             cache.keep_tokens(&old_cache);
@@ -336,7 +252,7 @@ impl Reloader {
             keep_connections,
         );
         let diff = RouteDiff::new(&old.config, &new.config);
-        crate::server::warn_plain_http(&new.config);
+        crate::assemble::warn_plain_http(&new.config);
 
         self.table.replace(Arc::new(routes));
         self.admin.cache.store(Arc::new(cache));

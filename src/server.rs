@@ -22,8 +22,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 
 use crate::admin::{self, AdminState};
+use crate::assemble;
 use crate::cache::SecretCache;
-use crate::config::{Config, Listen, SourceConfig};
+use crate::config::Listen;
+use crate::config::{ConfigFile, LoadedConfig};
 use crate::drain::Drain;
 use crate::error::ProxyError;
 use crate::forward;
@@ -32,11 +34,8 @@ use crate::limits::{HEAD_TIMEOUT, MAX_HEADER_BYTES};
 use crate::listener::{BindError, Listener};
 use crate::metrics::Metrics;
 use crate::proxy;
-use crate::reload::{ConfigFile, LoadedConfig, Reloader};
+use crate::reload::Reloader;
 use crate::routes::{RouteTable, Routes};
-use crate::secrets::aws::AwsSource;
-use crate::secrets::file::FileSource;
-use crate::secrets::Sources;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,45 +71,6 @@ async fn bind(
     Ok((listener, local))
 }
 
-/// Builds the secret sources the config names: for `aws`, one Secrets Manager client over the
-/// base credentials and one per distinct role the routes read with.
-pub async fn sources(config: &Config) -> Sources {
-    let mut sources = match &config.source {
-        SourceConfig::Aws(settings) => {
-            Sources::single(Arc::new(AwsSource::connect(settings, None).await))
-        }
-        SourceConfig::File(path) => Sources::single(Arc::new(FileSource::new(path.clone()))),
-    };
-    add_role_sources(config, &mut sources).await;
-    sources
-}
-
-/// Adds to `sources` a client for each role a route of `config` reads with and `sources` has
-/// not got yet (a reload keeps the others, with their cached role credentials).
-pub async fn add_role_sources(config: &Config, sources: &mut Sources) {
-    let SourceConfig::Aws(settings) = &config.source else {
-        return;
-    };
-    for role in config.routes.iter().filter_map(|r| r.role.as_ref()) {
-        if !sources.has(role) {
-            let source = AwsSource::connect(settings, Some(role)).await;
-            sources.insert(role.clone(), Arc::new(source));
-        }
-    }
-}
-
-/// The client OAuth2 routes mint their tokens with: HTTP/1.1, like any small API.
-pub fn token_client(
-    config: &Config,
-    tls: &rustls::ClientConfig,
-) -> Arc<dyn crate::oauth2::Exchange> {
-    Arc::new(forward::client_with(
-        config.connect_timeout,
-        tls.clone(),
-        false,
-    ))
-}
-
 /// Runs the proxy with `loaded` (read from `from`, which a reload reads again) until `shutdown`
 /// resolves, then drains.
 pub async fn run(
@@ -125,10 +85,10 @@ pub async fn run(
     let (admin_listener, admin_addr) =
         bind("admin_listen", &config.admin_listen, config.listen_mode).await?;
 
-    let sources = sources(&config).await;
+    let sources = assemble::sources(&config).await;
     let (mut cache, mut slots) = SecretCache::new(&config.routes, &sources, metrics.clone());
     // OAuth2 routes: the token endpoint speaks HTTP/1.1 like any small API.
-    let token_client = token_client(&config, &tls);
+    let token_client = assemble::token_client(&config, &tls);
     cache.add_tokens(&config.routes, &mut slots, &token_client, &metrics);
     cache.start();
     let routes = Routes::from_config(&config, slots, metrics.clone(), &tls);
@@ -161,7 +121,7 @@ pub async fn run(
         tracing::warn!(addr = %app_addr, mode = %format!("{:04o}", config.listen_mode),
             "listen_mode lets any local user connect to the app socket and no app token is required; use 0660 or set [app_auth]");
     }
-    warn_plain_http(&config);
+    assemble::warn_plain_http(&config);
     tracing::info!(addr = %app_addr, "app listener ready");
     tracing::info!(addr = %admin_addr, "admin listener ready");
     tracing::info!(routes = config.routes.len(), source = sources.base().name(), config = %config.origin, "keyproxy started");
@@ -253,25 +213,6 @@ pub async fn run(
     // The admin listener (and a Unix socket file) is gone once the task is.
     let _ = admin_task.await;
     Ok(())
-}
-
-/// Warns about each route whose upstream is plain http on another host.
-pub(crate) fn warn_plain_http(config: &Config) {
-    for r in &config.routes {
-        if r.upstream.scheme == http::uri::Scheme::HTTP && !is_local(r.upstream.authority.host()) {
-            tracing::warn!(route = %r.name, upstream = %r.upstream,
-                "upstream is plain http: the key crosses the network unencrypted");
-        }
-    }
-}
-
-fn is_local(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn serve_admin(listener: Listener, state: Arc<AdminState>) {

@@ -718,5 +718,5 @@ async fn sighup_without_a_file_says_there_is_nothing_to_reload() {
 
 /// SHA-256 in hex, as /readyz shows it.
 fn sha256_hex(bytes: &[u8]) -> String {
-    keyproxy::reload::sha256(bytes)
+    keyproxy::config::sha256(bytes)
 }

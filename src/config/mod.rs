@@ -30,19 +30,21 @@ use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 
 use crate::inject::Injection;
-use crate::route::Allow;
+use crate::allow::Allow;
 use crate::secrets::aws::AwsSettings;
 
 pub mod defaults;
 mod env;
 mod file;
 mod listen;
+mod loaded;
 mod names;
 #[cfg(test)]
 mod test_support;
 mod validate;
 
 pub use listen::{Listen, ListenError, MAX_SOCKET_PATH};
+pub use loaded::{sha256, ConfigFile, LoadedConfig};
 pub use validate::parse_upstream;
 
 /// Default app-facing listener.

@@ -13,7 +13,7 @@ use crate::config::defaults::{self, DurationSetting};
 use crate::config::file::{RawRoute, SizeValue};
 use crate::config::names::Namer;
 use crate::config::{Problems, RouteConfig, Upstream};
-use crate::route::Allow;
+use crate::allow::Allow;
 
 /// Every route that passes its own checks, in order; problems for a missing route list and for
 /// a name, prefix or host used twice (checked for every route, whether or not its other settings
