@@ -527,6 +527,68 @@ async fn an_unreachable_endpoint_is_named_in_the_503() {
     kp.assert_nowhere(&[FIRST_SECRET]).await;
 }
 
+/// Rewrites keyproxy's config file with `edit` applied and waits for the reload to be applied.
+async fn reload_with(s: &Setup, edit: impl Fn(String) -> String) {
+    let path = s.kp.dir.join("keyproxy.toml");
+    let text = edit(std::fs::read_to_string(&path).expect("config"));
+    let before = s.kp.log_lines("configuration reloaded").len();
+    std::fs::write(&path, text).expect("rewrite config");
+    let start = Instant::now();
+    while s.kp.log_lines("configuration reloaded").len() == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no reload: {:?}",
+            s.kp.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_token_unless_how_it_is_minted_changed() {
+    let s = setup(Auth::Basic, 3600, "", "").await;
+    let url = s.kp.url("/crm/contacts");
+    assert_eq!(http::get(&url).await.expect("get").status, 200);
+    assert_eq!(s.mints(), 1);
+    let fetches = || {
+        s.kp.counter(
+            "keyproxy_secret_fetches_total",
+            &["secret=\"prod/crm/client\""],
+        )
+    };
+    let fetched = fetches().await;
+    // Another route is added: the OAuth2 route keeps its token, its secret is not fetched again.
+    create_secret(&s.moto.client(), "prod/other/key", "k-other").await;
+    let other = route("other", "/other", &s.endpoint.url(), "prod/other/key", "");
+    reload_with(&s, |text| format!("{text}\n{other}")).await;
+    assert_eq!(http::get(&url).await.expect("get").status, 200);
+    assert_eq!(
+        s.mints(),
+        1,
+        "a reload that changed nothing of the route mints nothing"
+    );
+    assert_eq!(
+        fetches().await,
+        fetched,
+        "the client credentials were not fetched again"
+    );
+    let readyz = http::get(&format!("http://{}/readyz", s.kp.admin))
+        .await
+        .expect("readyz")
+        .json();
+    assert_eq!(readyz["status"], "ready", "{readyz}");
+    // The scope changes: the token is minted anew, with the new scope.
+    reload_with(&s, |text| text.replace("contacts.read", "contacts.write")).await;
+    let start = Instant::now();
+    while s.mints() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(5), "no new mint");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http::get(&url).await.expect("get").status, 200);
+    assert_eq!(s.mints(), 2);
+    s.assert_nothing_leaked(&[FIRST_SECRET]).await;
+}
+
 /// `keyproxy check --config FILE` for `text`: the exit code, stdout and stderr.
 fn check(text: &str) -> (Option<i32>, String, String) {
     let dir = scratch("oauth2-check");
