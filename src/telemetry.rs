@@ -45,7 +45,7 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Crates whose verbose levels could show wire data.
+/// Crates whose verbose levels could show wire data (STS answers carry role credentials).
 const CAPPED: &[&str] = &[
     "hyper",
     "hyper_util",
@@ -58,6 +58,7 @@ const CAPPED: &[&str] = &[
     "aws_smithy_http",
     "aws_config",
     "aws_sdk_secretsmanager",
+    "aws_sdk_sts",
     "aws_runtime",
     "lambda_runtime",
     "lambda_runtime_api_client",
