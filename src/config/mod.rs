@@ -29,8 +29,8 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 
-use crate::inject::Injection;
 use crate::allow::Allow;
+use crate::inject::Injection;
 use crate::secrets::aws::AwsSettings;
 
 pub mod defaults;

@@ -9,11 +9,11 @@ use http::uri::{Authority, Scheme};
 use http::Uri;
 
 use super::{duration, injection, oauth2};
+use crate::allow::Allow;
 use crate::config::defaults::{self, DurationSetting};
 use crate::config::file::{RawRoute, SizeValue};
 use crate::config::names::Namer;
 use crate::config::{Problems, RouteConfig, Upstream};
-use crate::allow::Allow;
 
 /// Every route that passes its own checks, in order; problems for a missing route list and for
 /// a name, prefix or host used twice (checked for every route, whether or not its other settings
