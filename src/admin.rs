@@ -19,15 +19,15 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::cache::SecretCache;
 use crate::config::LoadedConfig;
+use crate::credentials::Credentials;
 use crate::metrics::Metrics;
 
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct AdminState {
-    /// The secret cache (a reload replaces it).
-    pub cache: ArcSwap<SecretCache>,
+    /// The secret cache and the OAuth2 tokens (a reload replaces both at once).
+    pub credentials: ArcSwap<Credentials>,
     /// The configuration in force (a reload replaces it).
     pub config: ArcSwap<LoadedConfig>,
     /// The metrics registry.
@@ -49,8 +49,9 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 /// The readiness report: (ready, JSON body).
 pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
     let mut waiting = Vec::new();
-    let cache = state.cache.load();
-    let secrets: Vec<_> = cache
+    let credentials = state.credentials.load();
+    let secrets: Vec<_> = credentials
+        .secrets
         .entries()
         .iter()
         .map(|e| {
@@ -72,9 +73,9 @@ pub fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
             })
         })
         .collect();
-    let cache = state.cache.load();
-    let tokens: Vec<_> = cache
-        .tokens()
+    let tokens: Vec<_> = credentials
+        .tokens
+        .list()
         .iter()
         .map(|t| {
             let s = t.status();
@@ -129,7 +130,12 @@ fn secret_param(query: Option<&str>) -> Option<String> {
 /// `POST /refresh[?secret=ID]`.
 async fn refresh(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
     let only = secret_param(query);
-    let Some(done) = state.cache.load().refresh_on_demand(only.as_deref()).await else {
+    let Some(done) = state
+        .credentials
+        .load()
+        .refresh_on_demand(only.as_deref())
+        .await
+    else {
         let id = only.unwrap_or_default();
         let body = json!({
             "error": format!("no secret {id:?} in the configuration"),
@@ -197,7 +203,11 @@ pub async fn handle<B>(state: &AdminState, req: &Request<B>) -> Response<Full<By
             reply(status, "application/json", body.to_string() + "\n")
         }
         "/metrics" => {
-            state.cache.load().update_gauges(&state.metrics);
+            state
+                .credentials
+                .load()
+                .secrets
+                .update_gauges(&state.metrics);
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -11,10 +11,12 @@
 //! that cannot go in a header) is refused, logged with the secret id and the reason, and the last
 //! good value stays. With `[aws] startup_jitter`, the first fetch waits a random part of it.
 //!
-//! An OAuth2 route (`[route.oauth2]`) renders nothing from the secret: its entry holds the
-//! client credentials, checked for the route's two fields (a version without them is refused
-//! like any unusable value), and the route's [`Slot`] reads the access token that
-//! [`crate::oauth2::Token`] mints from them. [`SecretCache`] owns those tokens and their tasks.
+//! [`SecretCache::new`] gives each route a [`Binding`]: its entry, and where its credential is
+//! in the entry's [`Loaded::creds`]. An OAuth2 route (`[route.oauth2]`) renders nothing from
+//! the secret: its entry holds the client credentials, checked for the route's two fields
+//! ([`ClientUse`]; a version without them is refused like any unusable value). The access
+//! token minted from them ([`crate::oauth2::Token`]) lives above the cache, which knows
+//! nothing of tokens.
 //!
 //! [`Entry::refresh_now`] is the 401 path: concurrent callers share one fetch (they queue on one
 //! async mutex and find the new value when they get it). A forced fetch that finds nothing newer
@@ -49,7 +51,6 @@ use crate::backoff::{self, ThrottleGate};
 use crate::config::RouteConfig;
 use crate::inject::{Credential, Injection, Values};
 use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
-use crate::oauth2::{Exchange, Token};
 use crate::secrets::aws::AssumeRole;
 use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError, Sources};
 
@@ -274,6 +275,15 @@ impl Entry {
     /// Whether a usable value is loaded.
     pub fn is_loaded(&self) -> bool {
         self.state.load().is_some()
+    }
+
+    /// Why [`Entry::current`] has nothing: the last error, or that it is still being fetched.
+    pub fn missing(&self) -> String {
+        let error = self.health.lock().ok().and_then(|h| h.last_error.clone());
+        match error {
+            Some(e) => e.to_string(),
+            None => format!("secret {:?} is still being fetched", self.secret_id),
+        }
     }
 
     /// The entry's state for the admin endpoints.
@@ -750,67 +760,29 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(f)
 }
 
-/// The index of an OAuth2 route's slot before its token is added: no credential.
-const NO_CREDENTIAL: usize = usize::MAX;
-
-/// Where a route finds its credential: a key rendered in a secret's entry, or (OAuth2 routes)
-/// the access token minted from the client credentials in that entry. Both engines go through
-/// [`Slot::current`] and [`Slot::refresh_now`] and need not know which.
+/// A route's place in the cache: the entry it reads, and where its credential is in that
+/// entry's [`Loaded::creds`].
 #[derive(Debug, Clone)]
-pub struct Slot {
-    /// The shared entry: the key's secret, or the OAuth2 client credentials.
+pub struct Binding {
+    /// The shared entry: the key's secret, or an OAuth2 route's client credentials.
     pub entry: Arc<Entry>,
-    /// Index into [`Loaded::creds`] (0 for a token: its `Loaded` holds only it).
-    pub index: usize,
-    /// The route's access token, for an OAuth2 route.
-    pub token: Option<Arc<Token>>,
+    /// Index into [`Loaded::creds`]; `None` for an OAuth2 route, which renders nothing from its
+    /// entry (so it never reads another route's credential).
+    pub index: Option<usize>,
 }
 
-impl Slot {
-    /// The route's credential in `loaded`.
+impl Binding {
+    /// The route's credential in `loaded` (`None` for an OAuth2 route).
     #[inline]
     pub fn credential<'a>(&self, loaded: &'a Loaded) -> Option<&'a Credential> {
-        loaded.creds.get(self.index)
-    }
-
-    /// The credentials in force: one atomic load, no lock, no I/O (a token past its expiry is
-    /// none).
-    #[inline]
-    pub fn current(&self) -> Option<Arc<Loaded>> {
-        match &self.token {
-            Some(t) => t.current(),
-            None => self.entry.current(),
-        }
-    }
-
-    /// The 401 path: fresher credentials than `seen` if they can be had (see
-    /// [`Entry::refresh_now`] and [`Token::refresh_now`]).
-    pub async fn refresh_now(&self, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
-        match &self.token {
-            Some(t) => t.refresh_now(seen).await,
-            None => self.entry.refresh_now(seen).await,
-        }
-    }
-
-    /// Why [`Slot::current`] has nothing: the last error, or that it is still being fetched.
-    pub fn missing(&self) -> String {
-        if let Some(t) = &self.token {
-            return t.missing();
-        }
-        let status = self.entry.status();
-        match status.error {
-            Some(e) => e.to_string(),
-            None => format!("secret {:?} is still being fetched", status.secret_id),
-        }
+        loaded.creds.get(self.index?)
     }
 }
 
-/// All entries, the OAuth2 tokens minted from some of them, and the background tasks that
-/// refresh both (aborted on drop).
+/// All entries, and the background tasks that refresh them (aborted on drop).
 #[derive(Debug)]
 pub struct SecretCache {
     entries: Vec<Arc<Entry>>,
-    tokens: Vec<Arc<Token>>,
     /// Per entry, the wait before its task's first fetch when it has one already (an entry
     /// carried over by a reload, or fetched by [`SecretCache::warm`]); `None`: fetch at start.
     first_fetch: Vec<Option<Duration>>,
@@ -831,13 +803,13 @@ impl Drop for SecretCache {
 
 impl SecretCache {
     /// Builds one entry per (role, secret id, stage) over `routes`, each reading from its role's
-    /// source in `sources`, returning the cache and each route's slot (in route order). Nothing
+    /// source in `sources`, returning the cache and each route's binding (in route order). Nothing
     /// is fetched until [`SecretCache::start`].
     pub fn new(
         routes: &[RouteConfig],
         sources: &Sources,
         metrics: Arc<Metrics>,
-    ) -> (SecretCache, Vec<Slot>) {
+    ) -> (SecretCache, Vec<Binding>) {
         SecretCache::build(routes, sources, metrics, Arc::default())
     }
 
@@ -853,7 +825,7 @@ impl SecretCache {
         sources: &Sources,
         same_source: bool,
         metrics: Arc<Metrics>,
-    ) -> (SecretCache, Vec<Slot>) {
+    ) -> (SecretCache, Vec<Binding>) {
         for t in &self.tasks {
             t.abort();
         }
@@ -862,7 +834,7 @@ impl SecretCache {
         } else {
             Arc::default()
         };
-        let (mut cache, slots) = SecretCache::build(routes, sources, metrics, gate);
+        let (mut cache, bindings) = SecretCache::build(routes, sources, metrics, gate);
         cache.startup_jitter = Duration::ZERO;
         let old: HashMap<EntryKey<'_>, &Arc<Entry>> =
             self.entries.iter().map(|e| (e.key(), e)).collect();
@@ -884,7 +856,7 @@ impl SecretCache {
                 e.forget_metrics();
             }
         }
-        (cache, slots)
+        (cache, bindings)
     }
 
     /// Fetches, once and together, every entry that has no value to start from (a secret new
@@ -914,7 +886,7 @@ impl SecretCache {
         sources: &Sources,
         metrics: Arc<Metrics>,
         gate: Arc<ThrottleGate>,
-    ) -> (SecretCache, Vec<Slot>) {
+    ) -> (SecretCache, Vec<Binding>) {
         type Key = (Option<AssumeRole>, String, String);
         let mut groups: Vec<(Key, Vec<usize>)> = Vec::new();
         let mut index: HashMap<Key, usize> = HashMap::new();
@@ -926,13 +898,14 @@ impl SecretCache {
             });
             groups[g].1.push(i);
         }
-        let mut slots: Vec<Option<Slot>> = vec![None; routes.len()];
+        let mut bindings: Vec<Option<Binding>> = vec![None; routes.len()];
         let mut entries = Vec::new();
         for ((role, secret_id, stage), members) in groups {
             let source = sources.get(role.as_ref());
             let (clients, renders): (Vec<usize>, Vec<usize>) =
                 members.iter().partition(|&&i| routes[i].oauth2.is_some());
-            let clients = clients
+            let clients_of = clients;
+            let clients = clients_of
                 .iter()
                 .filter_map(|&i| {
                     let o = routes[i].oauth2.as_ref()?;
@@ -988,34 +961,29 @@ impl SecretCache {
                 label,
             });
             for (index, &i) in renders.iter().enumerate() {
-                slots[i] = Some(Slot {
+                bindings[i] = Some(Binding {
                     entry: entry.clone(),
-                    index,
-                    token: None,
+                    index: Some(index),
                 });
             }
-            // An OAuth2 route's token is added by `add_tokens`; until then its slot points at no
-            // credential (never at another route's).
-            for &i in members.iter().filter(|&&i| routes[i].oauth2.is_some()) {
-                slots[i] = Some(Slot {
+            for &i in &clients_of {
+                bindings[i] = Some(Binding {
                     entry: entry.clone(),
-                    index: NO_CREDENTIAL,
-                    token: None,
+                    index: None,
                 });
             }
             entries.push(entry);
         }
-        let slots = slots.into_iter().flatten().collect();
+        let bindings = bindings.into_iter().flatten().collect();
         (
             SecretCache {
                 first_fetch: vec![None; entries.len()],
                 entries,
-                tokens: Vec::new(),
                 tasks: Vec::new(),
                 startup_jitter: sources.base().startup_jitter(),
                 gate,
             },
-            slots,
+            bindings,
         )
     }
 
@@ -1038,45 +1006,6 @@ impl SecretCache {
             }
             self.tasks.push(tokio::spawn(e.clone().run(wait)));
         }
-        for t in &self.tokens {
-            self.tasks.push(tokio::spawn(t.clone().run()));
-        }
-    }
-
-    /// Gives each OAuth2 route in `routes` its token, minted from the client credentials in its
-    /// slot's entry through `client`. Call before [`SecretCache::start`].
-    pub fn add_tokens(
-        &mut self,
-        routes: &[RouteConfig],
-        slots: &mut [Slot],
-        client: &Arc<dyn Exchange>,
-        metrics: &Arc<Metrics>,
-    ) {
-        for (r, slot) in routes.iter().zip(slots.iter_mut()) {
-            if let Some(settings) = &r.oauth2 {
-                let token = Arc::new(Token::new(
-                    r,
-                    settings.clone(),
-                    slot.entry.clone(),
-                    client.clone(),
-                    metrics.clone(),
-                ));
-                slot.token = Some(token.clone());
-                slot.index = 0;
-                self.tokens.push(token);
-            }
-        }
-    }
-
-    /// Starts each OAuth2 token of this (reloaded) cache from `old`'s token for the same route,
-    /// when nothing about how it is minted or presented changed. Call after
-    /// [`SecretCache::add_tokens`], before [`SecretCache::start`].
-    pub fn keep_tokens(&self, old: &SecretCache) {
-        for t in &self.tokens {
-            if let Some(prev) = old.tokens.iter().find(|p| p.route() == t.route()) {
-                t.seed_from(prev);
-            }
-        }
     }
 
     /// The entries.
@@ -1084,15 +1013,9 @@ impl SecretCache {
         &self.entries
     }
 
-    /// The OAuth2 tokens.
-    pub fn tokens(&self) -> &[Arc<Token>] {
-        &self.tokens
-    }
-
-    /// Whether every entry has a usable value, and every OAuth2 route a token.
+    /// Whether every entry has a usable value.
     pub fn ready(&self) -> bool {
         self.entries.iter().all(|e| e.is_loaded())
-            && self.tokens.iter().all(|t| t.current().is_some())
     }
 
     /// `POST /refresh`: every entry (or those of secret id `only`) refreshed on demand, at
@@ -1274,8 +1197,8 @@ mod tests {
         let e = &slots[0].entry;
         e.refresh().await.expect("fetch");
         let l = e.current().expect("loaded");
-        assert_eq!(header(&l, slots[0].index), "Bearer t1");
-        assert_eq!(header(&l, slots[1].index), "Bearer o1");
+        assert_eq!(header(&l, slots[0].index.expect("key route")), "Bearer t1");
+        assert_eq!(header(&l, slots[1].index.expect("key route")), "Bearer o1");
         assert!(cache.ready());
     }
 
@@ -1325,12 +1248,12 @@ mod tests {
         );
         let e = &slots[1].entry;
         assert!(Arc::ptr_eq(e, &slots[0].entry), "one entry for the secret");
-        assert!(slots[1].token.is_none(), "no token added");
         e.refresh().await.expect("first");
         let l = e.current().expect("loaded");
         assert_eq!(l.creds.len(), 1, "only the key route renders");
-        assert_eq!(header(&l, slots[0].index), "Bearer i");
-        // Without its token, the OAuth2 route has no credential, never the other route's.
+        assert_eq!(header(&l, slots[0].index.expect("key route")), "Bearer i");
+        // The OAuth2 route has no credential in the entry, never the other route's.
+        assert!(slots[1].index.is_none());
         assert!(slots[1].credential(&l).is_none());
         assert_eq!(e.status().routes, vec!["a", "crm"]);
         for (bad, why) in [
@@ -1569,7 +1492,7 @@ mod tests {
     }
 
     /// Entries over one route each (secret ids `a` and `b`); the fake ignores the id.
-    fn two_secrets(src: Arc<FakeSource>) -> (SecretCache, Vec<Slot>) {
+    fn two_secrets(src: Arc<FakeSource>) -> (SecretCache, Vec<Binding>) {
         let mut b = route("b", None);
         b.secret_id = "b".into();
         SecretCache::new(
@@ -1688,8 +1611,11 @@ mod tests {
             metrics.clone(),
         );
         let kept = slots[0].entry.current().expect("seeded, no fetch");
-        assert_eq!(header(&kept, slots[0].index), "K o1");
-        assert_eq!(header(&kept, slots[1].index), "Bearer t1");
+        assert_eq!(header(&kept, slots[0].index.expect("key route")), "K o1");
+        assert_eq!(
+            header(&kept, slots[1].index.expect("key route")),
+            "Bearer t1"
+        );
         assert!(slots[2].entry.current().is_none());
         assert_eq!(
             src.fetches(),

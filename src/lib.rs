@@ -28,8 +28,12 @@
 //! - [`cache`]: one `ArcSwap` entry per (role, secret, stage); background refresh with jitter and
 //!   backoff; single-flight, rate-limited refresh for the 401 path and `POST /refresh`.
 //! - [`oauth2`]: `[route.oauth2]` routes: an access token minted from client credentials held
-//!   in the cache, kept fresh in the background, re-minted on a 401; [`oauth2::endpoint`]: the
-//!   token endpoint's HTTP side, shared with [`rotation`].
+//!   in the cache, kept fresh in the background, re-minted on a 401 ([`oauth2::Tokens`]: a
+//!   configuration's tokens and their tasks); [`oauth2::endpoint`]: the token endpoint's HTTP
+//!   side, shared with [`rotation`].
+//! - [`credentials`]: the cache and the tokens together, built at start and replaced together
+//!   by a reload; a route's credential slot (a key in a cache entry, or an OAuth2 token), which
+//!   both engines read the same way.
 //! - [`backoff`]: full-jitter retry windows, and the process-wide pause after a throttle.
 //! - [`retry`]: keeps request bodies up to `max_replay_body` so a 401 can be replayed.
 //! - [`forward`]: the pooled rustls upstream client (hyper); hop-by-hop header handling.
@@ -57,6 +61,7 @@ pub mod backoff;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod dev;
 pub mod drain;
 pub mod error;

@@ -9,9 +9,11 @@
 //!
 //! A reload validates the whole file first, as `keyproxy check` does. Invalid: the running
 //! configuration stays, one error line lists every problem, and
-//! `keyproxy_config_reloads_total{result="error"}` counts it. Valid: the secret cache is renewed
-//! ([`SecretCache::renew`]: secrets the old routes already had are not fetched again; new ones
-//! are fetched before the new routes go live, for up to [`WARM_WITHIN`]), the new route table
+//! `keyproxy_config_reloads_total{result="error"}` counts it. Valid: the secret cache and the
+//! OAuth2 tokens are renewed together ([`crate::credentials::Credentials::renew`]: secrets the
+//! old routes already had are not fetched again, tokens minted and presented the same way are
+//! carried over; new secrets are fetched before the new routes go live, for up to
+//! [`WARM_WITHIN`]) and swapped in at once for the admin endpoints, the new route table
 //! is swapped in ([`RouteTable::replace`]; a route whose upstream did not change keeps its
 //! upstream connections, [`crate::routes::Routes::renew`]), and `result="ok"` counts it. Both engines read the
 //! table once per request, so a keep-alive connection's next request uses the new routes;
@@ -70,7 +72,7 @@ pub struct Reloader {
     from: ConfigFile,
     /// The route table both engines read.
     table: Arc<RouteTable>,
-    /// The secret cache and the configuration in force (for `/readyz`; a reload replaces both).
+    /// The credentials and the configuration in force (for `/readyz`; a reload replaces both).
     admin: Arc<AdminState>,
     /// The secret sources in force (one per role).
     sources: Sources,
@@ -228,20 +230,16 @@ impl Reloader {
             crate::assemble::add_role_sources(&new.config, &mut self.sources).await;
         }
 
-        let old_cache = self.admin.cache.load_full();
-        let (mut cache, mut slots) = old_cache.renew(
+        let token_client = crate::assemble::token_client(&new.config, &tls);
+        let (mut credentials, slots) = self.admin.credentials.load().renew(
             &new.config.routes,
             &self.sources,
             same_source,
             self.metrics.clone(),
+            &token_client,
         );
-        let token_client = crate::assemble::token_client(&new.config, &tls);
-        cache.add_tokens(&new.config.routes, &mut slots, &token_client, &self.metrics);
-        if same_source {
-            cache.keep_tokens(&old_cache);
-        }
-        cache.warm(WARM_WITHIN).await;
-        cache.start();
+        credentials.warm(WARM_WITHIN).await;
+        credentials.start();
         let keep_connections = new.config.ca_bundle == old.config.ca_bundle
             && new.config.connect_timeout == old.config.connect_timeout;
         let routes = self.table.peek().renew(
@@ -255,7 +253,7 @@ impl Reloader {
         crate::assemble::warn_plain_http(&new.config);
 
         self.table.replace(Arc::new(routes));
-        self.admin.cache.store(Arc::new(cache));
+        self.admin.credentials.store(Arc::new(credentials));
         self.tls = tls;
         self.metrics.reloaded(true);
         tracing::info!(trigger, config = %new.config.origin,

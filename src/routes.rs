@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, Cache, Guard};
 
-use crate::cache::{Loaded, Slot};
+use crate::cache::Loaded;
 use crate::config::{AppAuth, Config, RouteConfig};
+use crate::credentials::Slot;
 use crate::error::ProxyError;
 use crate::forward::{self, UpstreamClient};
 use crate::metrics::{Metrics, RouteMetrics};

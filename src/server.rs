@@ -1,4 +1,5 @@
-//! Wiring: bind the listeners, start the cache, serve until shutdown, drain.
+//! Wiring: bind the listeners, start the credentials (secret cache, OAuth2 tokens), serve until
+//! shutdown, drain.
 //!
 //! [`run`] builds everything from a validated [`Config`], binds both listeners (the app's and the
 //! admin's; TCP or Unix sockets, see [`crate::listener`]), fetches secrets (and mints OAuth2
@@ -23,9 +24,9 @@ use tokio::sync::Semaphore;
 
 use crate::admin::{self, AdminState};
 use crate::assemble;
-use crate::cache::SecretCache;
 use crate::config::Listen;
 use crate::config::{ConfigFile, LoadedConfig};
+use crate::credentials::Credentials;
 use crate::drain::Drain;
 use crate::error::ProxyError;
 use crate::forward;
@@ -86,17 +87,17 @@ pub async fn run(
         bind("admin_listen", &config.admin_listen, config.listen_mode).await?;
 
     let sources = assemble::sources(&config).await;
-    let (mut cache, mut slots) = SecretCache::new(&config.routes, &sources, metrics.clone());
     // OAuth2 routes: the token endpoint speaks HTTP/1.1 like any small API.
     let token_client = assemble::token_client(&config, &tls);
-    cache.add_tokens(&config.routes, &mut slots, &token_client, &metrics);
-    cache.start();
+    let (mut credentials, slots) =
+        Credentials::new(&config.routes, &sources, metrics.clone(), &token_client);
+    credentials.start();
     let routes = Routes::from_config(&config, slots, metrics.clone(), &tls);
     let table = Arc::new(RouteTable::new(Arc::new(routes)));
     // The general engine, built once: its clones share the in-flight request limit.
     let general = proxy::stack(table.clone(), config.max_connections);
     let admin_state = Arc::new(AdminState {
-        cache: ArcSwap::from_pointee(cache),
+        credentials: ArcSwap::from_pointee(credentials),
         config: ArcSwap::from_pointee(loaded),
         metrics: metrics.clone(),
         draining: AtomicBool::new(false),

@@ -3,9 +3,11 @@
 //!
 //! A route's [`Token`] holds the token in force in an `ArcSwapOption`, rendered through the
 //! route's `header`/`value` like a key, so the request path is the same one atomic load
-//! ([`crate::cache::Slot::current`]) with an expiry check, and no I/O. The client id and secret
-//! live in the shared secret cache ([`crate::cache::Entry`], refreshed and checked there) and are
-//! read from the entry's text at each mint, so a rotated client secret is used by the next one.
+//! ([`crate::credentials::Slot::current`]) with an expiry check, and no I/O. The client id and
+//! secret live in the shared secret cache ([`crate::cache::Entry`], refreshed and checked there)
+//! and are read from the entry's text at each mint, so a rotated client secret is used by the
+//! next one. [`Tokens`] holds a configuration's tokens and their background tasks; a reload
+//! carries a token over when nothing about how it is minted changed ([`Tokens::keep`]).
 //!
 //! - One background task per token mints the first one (once the client credentials are
 //!   loaded), then the next one `refresh_ahead` (at most half the lifetime) before `expires_in`
@@ -34,11 +36,12 @@ use futures_util::future::BoxFuture;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use http::{Method, Request};
 use serde_json::Value;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::backoff;
 use crate::body::ProxyBody;
-use crate::cache::{client_credentials, ClientUse, Entry, Loaded};
+use crate::cache::{client_credentials, Binding, ClientUse, Entry, Loaded};
 use crate::config::defaults::MAX_DURATION;
 use crate::config::{ClientAuth, OAuth2Config, RouteConfig};
 use crate::forward::UpstreamClient;
@@ -581,6 +584,88 @@ impl Token {
     }
 }
 
+/// A configuration's OAuth2 tokens, and their background tasks (aborted on drop, or by
+/// [`Tokens::stop`]).
+#[derive(Debug, Default)]
+pub struct Tokens {
+    list: Vec<Arc<Token>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Tokens {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Tokens {
+    /// One token per OAuth2 route of `routes`, minted through `client` from the client
+    /// credentials in the entry of the route's binding (`bindings`, in route order). Returns
+    /// the tokens and each route's (`None`: not an OAuth2 route), in route order. Nothing is
+    /// minted until [`Tokens::start`].
+    pub fn new(
+        routes: &[RouteConfig],
+        bindings: &[Binding],
+        client: &Arc<dyn Exchange>,
+        metrics: &Arc<Metrics>,
+    ) -> (Tokens, Vec<Option<Arc<Token>>>) {
+        let mut tokens = Tokens::default();
+        let each = routes
+            .iter()
+            .zip(bindings)
+            .map(|(r, b)| {
+                let settings = r.oauth2.as_ref()?;
+                let token = Arc::new(Token::new(
+                    r,
+                    settings.clone(),
+                    b.entry.clone(),
+                    client.clone(),
+                    metrics.clone(),
+                ));
+                tokens.list.push(token.clone());
+                Some(token)
+            })
+            .collect();
+        (tokens, each)
+    }
+
+    /// Starts each token of these (of a reloaded configuration) from `old`'s token for the same
+    /// route, when nothing about how it is minted or presented changed ([`Token::seed_from`]).
+    /// Call before [`Tokens::start`].
+    pub fn keep(&self, old: &Tokens) {
+        for t in &self.list {
+            if let Some(prev) = old.list.iter().find(|p| p.route() == t.route()) {
+                t.seed_from(prev);
+            }
+        }
+    }
+
+    /// Starts one background task per token.
+    pub fn start(&mut self) {
+        for t in &self.list {
+            self.tasks.push(tokio::spawn(t.clone().run()));
+        }
+    }
+
+    /// Stops the background tasks (a reload's new tokens take over); the tokens keep serving
+    /// the requests still in flight.
+    pub fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
+    /// The tokens.
+    pub fn list(&self) -> &[Arc<Token>] {
+        &self.list
+    }
+
+    /// Whether every token is in force.
+    pub fn ready(&self) -> bool {
+        self.list.iter().all(|t| t.current().is_some())
+    }
+}
+
 /// The token and its lifetime from a 2xx answer (RFC 6749 §5.1). The error says what is wrong,
 /// never a value (a `token_type` is shown only as its letters, at most 32).
 fn parse(body: &[u8]) -> Result<Issued, String> {
@@ -685,11 +770,16 @@ mod tests {
         }
     }
 
-    /// A started cache over one OAuth2 route (file source, secret `s`), and its token.
+    /// A started cache and tokens over one OAuth2 route (file source, secret `s`), and its token.
     fn setup(
         lifetime_s: u64,
         refresh_ahead: &str,
-    ) -> (SecretCache, Arc<Token>, Arc<FakeEndpoint>, Scratch) {
+    ) -> (
+        (SecretCache, Tokens),
+        Arc<Token>,
+        Arc<FakeEndpoint>,
+        Scratch,
+    ) {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "keyproxy-oauth2-unit-{}-{}",
@@ -717,7 +807,7 @@ refresh_ahead = "{refresh_ahead}"
         let config = Config::from_toml(&text, "t.toml", &dir, &HashMap::new()).expect("config");
         let metrics = Arc::new(Metrics::new());
         let source = Arc::new(FileSource::new(file.clone()));
-        let (mut cache, mut slots) = SecretCache::new(
+        let (mut cache, bindings) = SecretCache::new(
             &config.routes,
             &crate::secrets::Sources::single(source),
             metrics.clone(),
@@ -730,10 +820,11 @@ refresh_ahead = "{refresh_ahead}"
             secret: Mutex::new("cs1".into()),
         });
         let client: Arc<dyn Exchange> = fake.clone();
-        cache.add_tokens(&config.routes, &mut slots, &client, &metrics);
-        let token = slots[0].token.clone().expect("token");
+        let (mut tokens, each) = Tokens::new(&config.routes, &bindings, &client, &metrics);
+        let token = each[0].clone().expect("token");
         cache.start();
-        (cache, token, fake, Scratch(file))
+        tokens.start();
+        ((cache, tokens), token, fake, Scratch(file))
     }
 
     /// The secrets file, its folder removed on drop.

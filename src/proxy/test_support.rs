@@ -18,6 +18,7 @@ use super::{Outbound, RouteRef, Routed};
 use crate::body::{ReqBody, RespBody};
 use crate::cache::SecretCache;
 use crate::config::{AppAuth, Config};
+use crate::credentials::Slot;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::routes::{RouteTable, Routes};
@@ -150,14 +151,16 @@ pub(crate) async fn fixture(api_settings: &str) -> Fixture {
         Config::from_toml(&text, "test.toml", Path::new("."), &HashMap::new()).expect("config");
     let source = Arc::new(TestSource(Mutex::new("k1".into())));
     let metrics = Arc::new(Metrics::new());
-    let (cache, slots) = SecretCache::new(
+    let (cache, bindings) = SecretCache::new(
         &config.routes,
         &crate::secrets::Sources::single(source.clone()),
         metrics.clone(),
     );
-    for s in &slots {
-        s.entry.refresh().await.expect("key loaded");
+    for b in &bindings {
+        b.entry.refresh().await.expect("key loaded");
     }
+    // No OAuth2 route: every slot is a key.
+    let slots = bindings.into_iter().map(Slot::Key).collect();
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
