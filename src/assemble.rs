@@ -9,6 +9,7 @@ use crate::forward;
 use crate::secrets::aws::AwsSource;
 use crate::secrets::file::FileSource;
 use crate::secrets::Sources;
+use crate::uri::is_loopback;
 
 /// Builds the secret sources the config names: for `aws`, one Secrets Manager client over the
 /// base credentials and one per distinct role the routes read with.
@@ -52,18 +53,10 @@ pub fn token_client(
 /// Warns about each route whose upstream is plain http on another host.
 pub fn warn_plain_http(config: &Config) {
     for r in &config.routes {
-        if r.upstream.scheme == http::uri::Scheme::HTTP && !is_local(r.upstream.authority.host()) {
+        if r.upstream.scheme == http::uri::Scheme::HTTP && !is_loopback(r.upstream.authority.host())
+        {
             tracing::warn!(route = %r.name, upstream = %r.upstream,
                 "upstream is plain http: the key crosses the network unencrypted");
         }
     }
-}
-
-fn is_local(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }

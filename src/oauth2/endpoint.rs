@@ -7,62 +7,19 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use http::{Request, Uri};
+use http::Request;
 use http_body_util::{BodyExt, Limited};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::Value;
 
 use crate::body::ProxyBody;
 use crate::forward::UpstreamClient;
+pub use crate::uri::{is_loopback, secure_url, shown, UrlProblem};
 
 /// The largest answer read from a token endpoint (or the rotation's test URL).
 pub const MAX_ANSWER: usize = 64 * 1024;
 /// The longest `error_description` kept from an error answer, in characters.
 const MAX_DESCRIPTION: usize = 120;
-
-/// A URL as it may appear in logs and errors: scheme, host, port and path; no user info, no
-/// query (either could carry a credential).
-pub fn shown(uri: &Uri) -> String {
-    let scheme = uri.scheme_str().unwrap_or("?");
-    let host = uri.host().unwrap_or("?");
-    match uri.port_u16() {
-        Some(p) => format!("{scheme}://{host}:{p}{}", uri.path()),
-        None => format!("{scheme}://{host}{}", uri.path()),
-    }
-}
-
-/// Whether `host` is a loopback name or address (`localhost`, `127.0.0.0/8`, `::1`).
-pub fn is_loopback(host: &str) -> bool {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Why a URL may not be used for a token endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UrlProblem {
-    /// Not a URL at all.
-    Invalid,
-    /// No scheme or no host.
-    NotAbsolute,
-    /// Neither https nor http to a loopback host.
-    Insecure,
-}
-
-/// Parses a token endpoint URL: absolute, https, or http to a loopback host only.
-pub fn secure_url(text: &str) -> Result<Uri, UrlProblem> {
-    let uri: Uri = text.parse().map_err(|_| UrlProblem::Invalid)?;
-    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
-        return Err(UrlProblem::NotAbsolute);
-    };
-    match scheme {
-        "https" => Ok(uri),
-        "http" if is_loopback(host) => Ok(uri),
-        _ => Err(UrlProblem::Insecure),
-    }
-}
 
 /// Characters left as they are in a form value; everything else is percent-encoded.
 const FORM_ENCODE: &AsciiSet = &NON_ALPHANUMERIC
@@ -210,35 +167,6 @@ mod tests {
             .decode(v.trim_start_matches("Basic "))
             .expect("b64");
         assert_eq!(raw, b"a%3Ab%20c:p%25w");
-    }
-
-    #[test]
-    fn urls_are_shown_without_credentials() {
-        let u: Uri = "https://user:pw@auth.example.com:8443/oauth/token?client_secret=s"
-            .parse()
-            .expect("uri");
-        assert_eq!(shown(&u), "https://auth.example.com:8443/oauth/token");
-    }
-
-    #[test]
-    fn loopback_http_is_allowed() {
-        for u in [
-            "http://127.0.0.1:8/t",
-            "http://localhost/t",
-            "http://[::1]:9/t",
-            "https://x/t",
-        ] {
-            secure_url(u).unwrap_or_else(|e| panic!("{u}: {e:?}"));
-        }
-        for (u, why) in [
-            ("http://example.com/t", UrlProblem::Insecure),
-            ("ftp://127.0.0.1/t", UrlProblem::Insecure),
-            ("http://127.0.0.1.example.com/t", UrlProblem::Insecure),
-            ("/relative", UrlProblem::NotAbsolute),
-            ("a b", UrlProblem::Invalid),
-        ] {
-            assert_eq!(secure_url(u).expect_err(u), why, "{u}");
-        }
     }
 
     #[test]

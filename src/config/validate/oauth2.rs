@@ -6,7 +6,7 @@ use super::duration;
 use crate::config::defaults;
 use crate::config::file::{RawOAuth2, RawRoute};
 use crate::config::{ClientAuth, OAuth2Config, Problems};
-use crate::oauth2::endpoint::{secure_url, UrlProblem};
+use crate::uri::{secure_url, UrlProblem};
 
 /// The route's `[route.oauth2]`, if it has one; `None` (with a problem) when it is wrong. `k`
 /// names the route's keys.
