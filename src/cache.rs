@@ -551,7 +551,7 @@ impl Entry {
     /// use now, which are `seen` itself when nothing newer could be had: Secrets Manager still
     /// holds the same value and the cooldown of a fruitless fetch holds, or Secrets Manager is
     /// throttling this process. Right after a fruitless fetch, while a rotation may be about to
-    /// store its key, the caller may wait up to [`PROBE_WINDOW`] for the probes.
+    /// store its key, the caller may wait up to `PROBE_WINDOW` (2 s) for the probes.
     pub async fn refresh_now(&self, seen: &Arc<Loaded>) -> Option<Arc<Loaded>> {
         // Newer means other credentials, not just another `Arc`: a pending value re-stored as
         // plain current (same key) must not count, or the AWSPENDING lookup would be skipped.

@@ -1,12 +1,12 @@
 //! Wiring: bind the listeners, start the credentials (secret cache, OAuth2 tokens), serve until
 //! shutdown, drain.
 //!
-//! [`run`] builds everything from a validated [`Config`], binds both listeners (the app's and the
-//! admin's; TCP or Unix sockets, see [`crate::listener`]), fetches secrets (and mints OAuth2
-//! tokens) in the background, starts the [`Reloader`] (SIGHUP and file changes), and serves
-//! until `shutdown` resolves. Then it stops accepting (removing a socket file), turns `/readyz`
-//! to 503, lets in-flight requests finish for up to `drain_timeout` (of the configuration in
-//! force), and returns.
+//! [`run`] builds everything from a validated configuration ([`LoadedConfig`]), binds both
+//! listeners (the app's and the admin's; TCP or Unix sockets, see [`crate::listener`]), fetches
+//! secrets (and mints OAuth2 tokens) in the background, starts the [`Reloader`] (SIGHUP and file
+//! changes), and serves until `shutdown` resolves. Then it stops accepting (removing a socket
+//! file), turns `/readyz` to 503, lets in-flight requests finish for up to `drain_timeout` (of
+//! the configuration in force), and returns.
 
 use std::convert::Infallible;
 use std::future::Future;
