@@ -31,6 +31,7 @@ class Route:
     host: str = ""  # forward mode
     http2: bool = True
     query_param: str = ""
+    oauth2: dict = None  # the [route.oauth2] table: keyproxy mints the token it injects
 
     def toml(self):
         lines = ["[[route]]", f'name = "{self.name}"']
@@ -49,6 +50,9 @@ class Route:
         ]
         if self.query_param:
             lines.append(f'query_param = "{self.query_param}"')
+        if self.oauth2:
+            lines.append("[route.oauth2]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in self.oauth2.items()]
         return "\n".join(lines) + "\n"
 
 
@@ -128,7 +132,9 @@ def config_text(routes, secrets_path, ca_pem):
 class KeyProxy:
     """A running keyproxy; `port` is its app listener, `admin` its admin listener."""
 
-    def __init__(self, name, directory, routes, keystore, ca_pem):
+    def __init__(self, name, directory, routes, keystore, ca_pem, wait_ready=True):
+        """`keystore` needs only a `secrets_path`. With wait_ready=False, the listeners being up
+        is enough (a route that cannot get its credential keeps /readyz at 503)."""
         self.name = name
         self.routes = {r.name: r for r in routes}
         path = os.path.join(directory, f"{name}.toml")
@@ -145,7 +151,8 @@ class KeyProxy:
             os.path.join(directory, f"{name}.log"), env=env)
         try:
             self.port, self.admin = self._listeners()
-            self._wait_ready()
+            if wait_ready:
+                self._wait_ready()
         except Exception:
             self.proc.stop()
             raise
