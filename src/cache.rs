@@ -45,11 +45,9 @@ use arc_swap::ArcSwapOption;
 use rand::Rng;
 use tokio::task::JoinHandle;
 
-use serde_json::Value;
-
 use crate::backoff::{self, ThrottleGate};
 use crate::config::RouteConfig;
-use crate::inject::{Credential, Injection, Values};
+use crate::inject::{Credential, InjectError, Injection, Values};
 use crate::metrics::{Metrics, SecretLabel, SecretResult, SecretVersionLabel};
 use crate::secrets::aws::AssumeRole;
 use crate::secrets::{Secret, SecretSource, SecretVersion, SourceError, Sources};
@@ -106,18 +104,20 @@ pub struct ClientUse {
     pub secret_field: String,
 }
 
-/// The client id and secret in a version's text; the error says what is wrong, never a value.
+/// The client id and secret in a version's text, read as every `{secret.FIELD}` is
+/// ([`Values`]: one JSON parse for both); the error says what is wrong, never a value.
 pub fn client_credentials(value: &Secret, use_: &ClientUse) -> Result<(Secret, Secret), String> {
-    let doc: Value = serde_json::from_str(value.expose())
-        .map_err(|e| format!("the value is not JSON with client credentials ({e})"))?;
-    let Value::Object(obj) = doc else {
-        return Err("the value is not a JSON object with client credentials".into());
-    };
-    let field = |name: &str| match obj.get(name) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(Secret::new(s.clone())),
-        Some(Value::String(_)) => Err(format!("JSON field {name:?} is empty")),
-        Some(_) => Err(format!("JSON field {name:?} is not a string")),
-        None => Err(format!("JSON field {name:?} is missing")),
+    let values = Values::new(value.expose(), None);
+    let field = |name: &str| match values.field(name) {
+        Ok("") => Err(format!("JSON field {name:?} is empty")),
+        Ok(s) => Ok(Secret::new(s)),
+        Err(InjectError::NotJson(_)) => {
+            Err("the value is not JSON with client credentials".to_owned())
+        }
+        Err(InjectError::NotObject(_)) => {
+            Err("the value is not a JSON object with client credentials".to_owned())
+        }
+        Err(e) => Err(e.to_string()),
     };
     Ok((field(&use_.id_field)?, field(&use_.secret_field)?))
 }
